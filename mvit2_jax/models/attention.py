@@ -1,0 +1,134 @@
+"""Attention units for the MobileViTv2 block, interchangeable by name.
+
+Each unit maps patch tokens [B, P, N, d] to [B, P, N, d], attending over the N patches
+separately for each of the P pixel positions inside a patch:
+
+- "separable": the paper's separable self-attention, O(N) (section 1 of the reference).
+- "mha": standard multi-head scaled dot-product self-attention, O(N^2).
+- "linformer": keys and values projected along the token axis from N to a fixed length,
+  O(N) with batched matrix products.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvit2_jax.models.layers import torch_default_kernel_init, torch_dense
+
+Dtype = Any
+
+ATTENTION_TYPES = ("separable", "mha", "linformer")
+
+
+class SeparableSelfAttention(nn.Module):
+    """y = W_O(ReLU(x_V) * sum_i softmax(x W_I)_i x_K[i]), one fused input projection."""
+
+    dim: int
+    attn_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        d = self.dim
+        qkv = torch_dense(1 + 2 * d, x.shape[-1], self.dtype, name="qkv_proj")(x)
+        query, key, value = qkv[..., :1], qkv[..., 1 : d + 1], qkv[..., d + 1 :]
+        scores = jax.nn.softmax(query.astype(jnp.float32), axis=-2)  # over the N tokens
+        scores = nn.Dropout(self.attn_dropout)(scores, deterministic=not train)
+        context = jnp.sum(key.astype(jnp.float32) * scores, axis=-2, keepdims=True)
+        out = nn.relu(value) * context.astype(self.dtype)
+        return torch_dense(d, d, self.dtype, name="out_proj")(out)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Standard multi-head self-attention over the N tokens (MobileViTv1's unit)."""
+
+    dim: int
+    num_heads: int = 4
+    attn_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.dim % self.num_heads:
+            raise ValueError(f"attention dim {self.dim} is not divisible by num_heads={self.num_heads}")
+        return nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            qkv_features=self.dim,
+            out_features=self.dim,
+            dropout_rate=self.attn_dropout,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=torch_default_kernel_init,
+            force_fp32_for_softmax=True,
+            name="mha",
+        )(x, deterministic=not train)
+
+
+class LinformerSelfAttention(nn.Module):
+    """Linformer: keys and values projected along the token axis from N to `proj_len`.
+
+    The projections E, F have shape [N, proj_len], so they depend on the token count (the
+    input resolution); they are shared across heads ("headwise sharing").
+    """
+
+    dim: int
+    num_heads: int = 4
+    proj_len: int = 64
+    attn_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        d, h = self.dim, self.num_heads
+        if d % h:
+            raise ValueError(f"attention dim {d} is not divisible by num_heads={h}")
+        n = x.shape[-2]
+        proj_init = nn.initializers.normal(stddev=self.proj_len**-0.5)
+        e = self.param("proj_k", proj_init, (n, self.proj_len), jnp.float32).astype(self.dtype)
+        f = self.param("proj_v", proj_init, (n, self.proj_len), jnp.float32).astype(self.dtype)
+        q = torch_dense(d, d, self.dtype, name="query")(x)
+        k = jnp.einsum("...nd,nk->...kd", torch_dense(d, d, self.dtype, name="key")(x), e)
+        v = jnp.einsum("...nd,nk->...kd", torch_dense(d, d, self.dtype, name="value")(x), f)
+
+        def heads(t: jax.Array) -> jax.Array:
+            return t.reshape(*t.shape[:-1], h, d // h)
+
+        dropout_rng = None
+        if train and self.attn_dropout > 0:
+            dropout_rng = self.make_rng("dropout")
+        out = nn.dot_product_attention(
+            heads(q),
+            heads(k),
+            heads(v),
+            dropout_rng=dropout_rng,
+            dropout_rate=self.attn_dropout,
+            deterministic=not train,
+            dtype=self.dtype,
+            force_fp32_for_softmax=True,
+        )
+        out = out.reshape(*out.shape[:-2], d)
+        return torch_dense(d, d, self.dtype, name="out_proj")(out)
+
+
+def make_attention(
+    kind: str,
+    dim: int,
+    *,
+    num_heads: int,
+    linformer_proj_len: int,
+    attn_dropout: float,
+    dtype: Dtype,
+    name: str,
+) -> nn.Module:
+    """The attention unit called `kind`, with the options that apply to it."""
+    if kind == "separable":
+        return SeparableSelfAttention(dim, attn_dropout, dtype, name=name)
+    if kind == "mha":
+        return MultiHeadSelfAttention(dim, num_heads, attn_dropout, dtype, name=name)
+    if kind == "linformer":
+        return LinformerSelfAttention(dim, num_heads, linformer_proj_len, attn_dropout, dtype, name=name)
+    raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {kind!r}")

@@ -1,0 +1,190 @@
+"""Building blocks shared by the MobileViTv2 family: convolutions, norms, resize.
+
+Parameters keep one layout on every backend (Flax's HWIO conv kernels); only the
+implementation of the forward pass is chosen per backend, because XLA:CPU runs grouped
+and 1x1 convolutions far slower than the same arithmetic written as multiply-adds and
+matrix products, while GPUs and TPUs are fastest with the library convolution.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# PyTorch's default for conv and linear weights: kaiming_uniform(a=sqrt(5)), which is
+# uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+CONV_IMPLS = ("auto", "xla", "unrolled")
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+    """PyTorch's default bias init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """'auto' picks multiply-adds on CPU and the library convolution elsewhere."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "unrolled" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def _depthwise_unrolled(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """Depthwise conv as a sum of k*k shifted multiply-adds (NHWC, kernel [k, k, 1, C])."""
+    k = kernel.shape[0]
+    h, w = x.shape[1], x.shape[2]
+    out_h = (h + 2 * pad - k) // stride + 1
+    out_w = (w + 2 * pad - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = None
+    for i in range(k):
+        for j in range(k):
+            patch = jax.lax.slice(
+                xp,
+                (0, i, j, 0),
+                (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, xp.shape[3]),
+                (1, stride, stride, 1),
+            )
+            term = patch * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class Conv(nn.Module):
+    """2-D convolution, NHWC, symmetric padding (k-1)//2 as in PyTorch, HWIO kernel."""
+
+    features: int
+    kernel_size: int = 1
+    strides: int = 1
+    groups: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        if cin % self.groups:
+            raise ValueError(f"{cin} input channels do not split into {self.groups} groups")
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", torch_default_kernel_init, (k, k, cin // self.groups, self.features), self.param_dtype
+        )
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        impl = resolve_conv_impl(self.impl)
+        pad = (k - 1) // 2
+        if k == 1 and self.strides == 1 and self.groups == 1:
+            y = jnp.dot(x, kernel[0, 0])
+        elif impl == "unrolled" and self.groups == cin == self.features:
+            y = _depthwise_unrolled(x, kernel, self.strides, pad)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(self.strides, self.strides),
+                padding=((pad, pad), (pad, pad)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups,
+            )
+        if self.use_bias:
+            fan_in = k * k * cin // self.groups
+            bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def torch_dense(features: int, in_features: int, dtype: Dtype, name: Optional[str] = None) -> nn.Dense:
+    """Linear map over the last axis, initialized like a PyTorch 1x1 conv with bias."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(in_features),
+        name=name,
+    )
+
+
+class ConvBN(nn.Module):
+    """Conv (no bias) + BatchNorm (eps 1e-5, PyTorch momentum 0.1) + optional SiLU."""
+
+    features: int
+    kernel_size: int = 1
+    strides: int = 1
+    groups: int = 1
+    act: bool = True
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = Conv(
+            self.features,
+            self.kernel_size,
+            self.strides,
+            self.groups,
+            dtype=self.dtype,
+            impl=self.conv_impl,
+            name="conv",
+        )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="bn",
+        )(x)
+        return nn.silu(x) if self.act else x
+
+
+def group_norm1(dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
+    """GroupNorm with one group: statistics over every non-batch axis, per-channel affine."""
+    return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+@functools.lru_cache(maxsize=None)
+def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] linear-interpolation weights with align_corners=True."""
+    m = np.zeros((n_out, n_in), np.float32)
+    if n_in == 1 or n_out == 1:
+        m[:, 0] = 1.0
+        return m
+    src = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
+    lo = np.clip(np.floor(src).astype(np.int64), 0, n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (src - lo).astype(np.float32)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
+
+
+def resize_bilinear_align_corners(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinear resize of NHWC `x` with align_corners=True (PyTorch's F.interpolate)."""
+    _, h, w, _ = x.shape
+    if (h, w) == (height, width):
+        return x
+    ry = jnp.asarray(align_corners_matrix(h, height), x.dtype)
+    rx = jnp.asarray(align_corners_matrix(w, width), x.dtype)
+    x = jnp.einsum("oh,bhwc->bowc", ry, x, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("pw,bowc->bopc", rx, x, precision=jax.lax.Precision.HIGHEST)

@@ -1,0 +1,254 @@
+"""Specification of the MobileViTv2 modules: widths, parameter counts, shapes, equations."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mvit2_jax.models import (
+    MobileViTv2,
+    MobileViTv2Block,
+    SeparableSelfAttention,
+    widths_for,
+)
+from mvit2_jax.models.layers import Conv, align_corners_matrix, resize_bilinear_align_corners
+from mvit2_jax.models.mobilevitv2 import fold, unfold
+
+REFERENCE = {  # alpha: (stem, l1, l2, l3, l4, l5, d3, d4, d5, params)
+    0.5: (16, 32, 64, 128, 192, 256, 64, 96, 128, 1_370_593),
+    0.75: (24, 48, 96, 192, 288, 384, 96, 144, 192, 2_866_009),
+    1.0: (32, 64, 128, 256, 384, 512, 128, 192, 256, 4_901_841),
+    1.25: (40, 80, 160, 320, 480, 640, 160, 240, 320, 7_478_089),
+    1.5: (48, 96, 192, 384, 576, 768, 192, 288, 384, 10_594_753),
+    1.75: (56, 112, 224, 448, 672, 896, 224, 336, 448, 14_251_833),
+    2.0: (64, 128, 256, 512, 768, 1024, 256, 384, 512, 18_449_329),
+}
+
+
+def n_params(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def abstract_init(model, shape=(1, 256, 256, 3)):
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+@pytest.mark.parametrize("alpha", sorted(REFERENCE))
+def test_widths_and_exact_parameter_count(alpha):
+    w = widths_for(alpha)
+    *widths, params = REFERENCE[alpha]
+    assert (w.stem, *w.stages, *w.attn_dims) == tuple(widths)
+    variables = abstract_init(MobileViTv2(alpha=alpha))
+    assert n_params(variables["params"]) == params
+    assert set(variables) == {"params", "batch_stats"}
+
+
+def test_any_width_and_class_count():
+    variables = abstract_init(MobileViTv2(alpha=0.3, num_classes=7), (1, 64, 64, 3))
+    assert variables["params"]["head"]["kernel"].shape == (widths_for(0.3).layer5, 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(attention="performer"), "attention"),
+        (dict(dtype="float16"), "dtype"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        abstract_init(MobileViTv2(**kwargs), (1, 64, 64, 3))
+
+
+def test_images_must_be_nhwc_rgb():
+    with pytest.raises(ValueError, match=r"\[batch, height, width, 3\]"):
+        abstract_init(MobileViTv2(alpha=0.5), (1, 3, 64, 64))
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    """alpha 0.5, 10 classes, one per attention unit, initialized at 64x64."""
+    out = {}
+    x = jnp.zeros((2, 64, 64, 3))
+    for attention in ("separable", "mha", "linformer"):
+        model = MobileViTv2(alpha=0.5, num_classes=10, attention=attention, linformer_proj_len=8)
+        out[attention] = (model, jax.jit(model.init)(jax.random.key(0), x))
+    return out
+
+
+def test_three_attention_units_fit_the_same_block(small_models):
+    images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
+    backbone = {}
+    for attention, (model, variables) in small_models.items():
+        logits = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
+        assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
+        # Everything outside the attention units has identical parameter shapes.
+        flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+        backbone[attention] = {
+            jax.tree_util.keystr(k): v.shape for k, v in flat if "attn" not in jax.tree_util.keystr(k)
+        }
+    assert backbone["separable"] == backbone["mha"] == backbone["linformer"]
+
+
+def test_train_mode_updates_batch_stats(small_models):
+    model, variables = small_models["separable"]
+    images = jax.random.uniform(jax.random.key(2), (2, 64, 64, 3))
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    assert logits.shape == (2, 10)
+    before = variables["batch_stats"]["stem"]["bn"]["mean"]
+    after = updates["batch_stats"]["stem"]["bn"]["mean"]
+    assert not np.allclose(before, after)
+
+
+def test_bfloat16_compute_keeps_float32_params(small_models):
+    _, variables = small_models["separable"]
+    model = MobileViTv2(alpha=0.5, num_classes=10, dtype="bfloat16")
+    images = jax.random.uniform(jax.random.key(3), (2, 64, 64, 3))
+    ref = MobileViTv2(alpha=0.5, num_classes=10).apply(variables, images)
+    out = model.apply(variables, images)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=0.15 * float(jnp.abs(ref).max()) + 1e-2)
+
+
+def test_dropout_and_stochastic_depth_are_configurable(small_models):
+    _, variables = small_models["separable"]
+    images = jax.random.uniform(jax.random.key(4), (2, 64, 64, 3))
+    model = MobileViTv2(alpha=0.5, num_classes=10, dropout=0.2, attn_dropout=0.2, ffn_dropout=0.2, drop_path=0.3)
+
+    def run(seed):
+        out, _ = model.apply(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)}
+        )
+        return np.asarray(out)
+
+    np.testing.assert_array_equal(run(0), run(0))
+    assert not np.allclose(run(0), run(1))
+    # Eval mode ignores dropout entirely.
+    np.testing.assert_allclose(
+        model.apply(variables, images), MobileViTv2(alpha=0.5, num_classes=10).apply(variables, images), atol=1e-6
+    )
+
+
+def separable_attention_numpy(x, w_qkv, b_qkv, w_out, b_out):
+    """The paper's equations, token by token: x [P, N, d]."""
+    d = x.shape[-1]
+    out = np.zeros_like(x)
+    for p in range(x.shape[0]):
+        tokens = x[p]  # [N, d]
+        scores = tokens @ w_qkv[:, 0] + b_qkv[0]  # branch I: one score per token
+        cs = np.exp(scores - scores.max())
+        cs /= cs.sum()
+        x_k = tokens @ w_qkv[:, 1 : d + 1] + b_qkv[1 : d + 1]
+        x_v = np.maximum(tokens @ w_qkv[:, d + 1 :] + b_qkv[d + 1 :], 0.0)
+        cv = sum(cs[i] * x_k[i] for i in range(tokens.shape[0]))  # context vector
+        out[p] = (x_v * cv) @ w_out + b_out
+    return out
+
+
+def test_separable_attention_matches_the_paper_equations():
+    d = 8
+    x = np.asarray(jax.random.normal(jax.random.key(5), (2, 4, 6, d)), np.float64)
+    unit = SeparableSelfAttention(d)
+    variables = unit.init(jax.random.key(6), jnp.asarray(x, jnp.float32))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    out = np.asarray(unit.apply(variables, jnp.asarray(x, jnp.float32)))
+    for b in range(2):
+        ref = separable_attention_numpy(
+            x[b], p["qkv_proj"]["kernel"], p["qkv_proj"]["bias"], p["out_proj"]["kernel"], p["out_proj"]["bias"]
+        )
+        np.testing.assert_allclose(out[b], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_separable_attention_is_linear_in_tokens():
+    """Its one context vector: permuting the N tokens permutes the output the same way."""
+    d = 8
+    x = jax.random.normal(jax.random.key(7), (1, 4, 10, d))
+    unit = SeparableSelfAttention(d)
+    variables = unit.init(jax.random.key(8), x)
+    perm = jax.random.permutation(jax.random.key(9), 10)
+    np.testing.assert_allclose(unit.apply(variables, x[:, :, perm]), unit.apply(variables, x)[:, :, perm], atol=1e-5)
+
+
+def test_unfold_fold_round_trip_and_patch_layout():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    patches = unfold(x)
+    assert patches.shape == (2, 4, 6, 3)
+    # Pixel position (1, 0) of patch (row 1, col 2) is pixel (3, 4).
+    np.testing.assert_array_equal(patches[:, 1 * 2 + 0, 1 * 3 + 2], x[:, 3, 4])
+    np.testing.assert_array_equal(fold(patches, 4, 6), x)
+
+
+def bilinear_align_corners_numpy(img, out_h, out_w):
+    h, w = img.shape[:2]
+    out = np.zeros((out_h, out_w) + img.shape[2:])
+    for i in range(out_h):
+        for j in range(out_w):
+            y = i * (h - 1) / (out_h - 1)
+            x = j * (w - 1) / (out_w - 1)
+            y0, x0 = int(np.floor(y)), int(np.floor(x))
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            fy, fx = y - y0, x - x0
+            out[i, j] = (
+                img[y0, x0] * (1 - fy) * (1 - fx)
+                + img[y0, x1] * (1 - fy) * fx
+                + img[y1, x0] * fy * (1 - fx)
+                + img[y1, x1] * fy * fx
+            )
+    return out
+
+
+def test_resize_is_bilinear_with_aligned_corners():
+    img = np.asarray(jax.random.uniform(jax.random.key(10), (1, 7, 5, 2)))
+    out = np.asarray(resize_bilinear_align_corners(jnp.asarray(img), 8, 6))
+    np.testing.assert_allclose(out[0], bilinear_align_corners_numpy(img[0], 8, 6), atol=1e-6)
+    np.testing.assert_allclose(out[0, [0, -1]][:, [0, -1]], img[0, [0, -1]][:, [0, -1]], atol=1e-6)
+    np.testing.assert_allclose(align_corners_matrix(7, 8).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_block_resizes_odd_maps_up_and_not_back():
+    block = MobileViTv2Block(features=16, attn_dim=8, depth=1)
+    x = jax.random.normal(jax.random.key(11), (1, 7, 9, 16))
+    variables = block.init(jax.random.key(12), x, False)
+    out = block.apply(variables, x, False)
+    assert out.shape == (1, 8, 10, 16)
+    resized = resize_bilinear_align_corners(x, 8, 10)
+    np.testing.assert_allclose(out, block.apply(variables, resized, False), atol=1e-5)
+
+
+def test_model_accepts_sizes_not_divisible_by_32(small_models):
+    model, variables = small_models["separable"]
+    for shape in [(1, 72, 88, 3), (1, 50, 54, 3)]:
+        logits = model.apply(variables, jax.random.uniform(jax.random.key(13), shape))
+        assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("stride, groups", [(1, 8), (2, 8), (2, 1), (1, 1)])
+def test_conv_implementations_agree(stride, groups):
+    x = jax.random.normal(jax.random.key(14), (2, 9, 10, 8))
+    k = 3 if groups > 1 or stride > 1 else 1
+    conv = Conv(8, k, stride, groups)
+    variables = conv.init(jax.random.key(15), x)
+    xla = Conv(8, k, stride, groups, impl="xla").apply(variables, x)
+    unrolled = Conv(8, k, stride, groups, impl="unrolled").apply(variables, x)
+    assert xla.shape == unrolled.shape == (2, (9 + 2 * (k // 2) - k) // stride + 1, (10 + 2 * (k // 2) - k) // stride + 1, 8)
+    np.testing.assert_allclose(xla, unrolled, atol=1e-5)
+
+
+def test_mha_heads_are_configurable():
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = abstract_init(MobileViTv2(alpha=0.5, attention="mha", num_heads=8), x.shape)
+    qkv = variables["params"]["stages_2_1"]["transformer_0"]["attn"]["mha"]["query"]["kernel"]
+    assert qkv.shape == (64, 8, 8)
+    with pytest.raises(ValueError, match="num_heads"):
+        abstract_init(MobileViTv2(alpha=0.5, attention="mha", num_heads=5), x.shape)
+
+
+def test_linformer_projects_tokens_to_fixed_length():
+    variables = abstract_init(MobileViTv2(alpha=0.5, attention="linformer", linformer_proj_len=16), (1, 64, 64, 3))
+    attn = variables["params"]["stages_2_1"]["transformer_0"]["attn"]
+    # 64x64 input: layer3 runs at 8x8, so N = 16 patches of 2x2.
+    assert attn["proj_k"].shape == attn["proj_v"].shape == (16, 16)
