@@ -69,68 +69,67 @@ def test_images_must_be_nhwc_rgb():
 
 
 @pytest.fixture(scope="module")
-def small_models():
-    """alpha 0.5, 10 classes, one per attention unit, initialized at 64x64."""
-    out = {}
-    x = jnp.zeros((2, 64, 64, 3))
-    for attention in ("separable", "mha", "linformer"):
-        model = MobileViTv2(alpha=0.5, num_classes=10, attention=attention, linformer_proj_len=8)
-        out[attention] = (model, jax.jit(model.init)(jax.random.key(0), x))
-    return out
+def small_model():
+    """alpha 0.5, 10 classes, initialized at 64x64, with a jitted eval apply."""
+    model = MobileViTv2(alpha=0.5, num_classes=10)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 64, 64, 3)))
+    return model, variables, jax.jit(lambda v, x: model.apply(v, x))
 
 
-def test_three_attention_units_fit_the_same_block(small_models):
-    images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
-    backbone = {}
-    for attention, (model, variables) in small_models.items():
-        logits = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
-        assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
-        # Everything outside the attention units has identical parameter shapes.
-        flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
-        backbone[attention] = {
-            jax.tree_util.keystr(k): v.shape for k, v in flat if "attn" not in jax.tree_util.keystr(k)
-        }
-    assert backbone["separable"] == backbone["mha"] == backbone["linformer"]
+@pytest.mark.parametrize("attention", ["separable", "mha", "linformer"])
+def test_three_attention_units_fit_the_same_block(attention):
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 32))
+    block = MobileViTv2Block(features=32, attn_dim=16, depth=2, attention=attention, linformer_proj_len=4)
+    variables = jax.jit(lambda k, x: block.init(k, x, False))(jax.random.key(2), x)
+    out = jax.jit(lambda v, x: block.apply(v, x, False))(variables, x)
+    assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
+    # Outside the attention unit, every parameter has the same shape for all three units.
+    reference = MobileViTv2Block(features=32, attn_dim=16, depth=2)
+    ref_vars = jax.eval_shape(lambda k, x: reference.init(k, x, False), jax.random.key(2), x)
+
+    def backbone(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k): v.shape for k, v in flat if "'attn'" not in jax.tree_util.keystr(k)}
+
+    assert backbone(variables) == backbone(ref_vars)
+    assert "attn" in variables["params"]["transformer_0"]
 
 
-def test_train_mode_updates_batch_stats(small_models):
-    model, variables = small_models["separable"]
+def test_train_mode_updates_batch_stats(small_model):
+    model, variables, _ = small_model
     images = jax.random.uniform(jax.random.key(2), (2, 64, 64, 3))
-    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    train_apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    logits, updates = train_apply(variables, images)
     assert logits.shape == (2, 10)
     before = variables["batch_stats"]["stem"]["bn"]["mean"]
     after = updates["batch_stats"]["stem"]["bn"]["mean"]
     assert not np.allclose(before, after)
 
 
-def test_bfloat16_compute_keeps_float32_params(small_models):
-    _, variables = small_models["separable"]
+def test_bfloat16_compute_keeps_float32_params(small_model):
+    _, variables, apply_f32 = small_model
     model = MobileViTv2(alpha=0.5, num_classes=10, dtype="bfloat16")
     images = jax.random.uniform(jax.random.key(3), (2, 64, 64, 3))
-    ref = MobileViTv2(alpha=0.5, num_classes=10).apply(variables, images)
-    out = model.apply(variables, images)
+    ref = apply_f32(variables, images)
+    out = jax.jit(model.apply)(variables, images)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref, atol=0.15 * float(jnp.abs(ref).max()) + 1e-2)
 
 
-def test_dropout_and_stochastic_depth_are_configurable(small_models):
-    _, variables = small_models["separable"]
+def test_dropout_and_stochastic_depth_are_configurable(small_model):
+    _, variables, apply_plain = small_model
     images = jax.random.uniform(jax.random.key(4), (2, 64, 64, 3))
     model = MobileViTv2(alpha=0.5, num_classes=10, dropout=0.2, attn_dropout=0.2, ffn_dropout=0.2, drop_path=0.3)
 
-    def run(seed):
-        out, _ = model.apply(
-            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)}
-        )
-        return np.asarray(out)
+    @jax.jit
+    def run(key):
+        return model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0]
 
-    np.testing.assert_array_equal(run(0), run(0))
-    assert not np.allclose(run(0), run(1))
+    np.testing.assert_array_equal(run(jax.random.key(0)), run(jax.random.key(0)))
+    assert not np.allclose(run(jax.random.key(0)), run(jax.random.key(1)))
     # Eval mode ignores dropout entirely.
-    np.testing.assert_allclose(
-        model.apply(variables, images), MobileViTv2(alpha=0.5, num_classes=10).apply(variables, images), atol=1e-6
-    )
+    np.testing.assert_allclose(jax.jit(model.apply)(variables, images), apply_plain(variables, images), atol=1e-6)
 
 
 def separable_attention_numpy(x, w_qkv, b_qkv, w_out, b_out):
@@ -219,11 +218,11 @@ def test_block_resizes_odd_maps_up_and_not_back():
     np.testing.assert_allclose(out, block.apply(variables, resized, False), atol=1e-5)
 
 
-def test_model_accepts_sizes_not_divisible_by_32(small_models):
-    model, variables = small_models["separable"]
-    for shape in [(1, 72, 88, 3), (1, 50, 54, 3)]:
-        logits = model.apply(variables, jax.random.uniform(jax.random.key(13), shape))
-        assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
+def test_model_accepts_sizes_not_divisible_by_32(small_model):
+    # 72x88: layer3 runs at 9x11, layer4 at 5x6, layer5 at 3x3, each resized up to even sizes.
+    _, variables, apply = small_model
+    logits = apply(variables, jax.random.uniform(jax.random.key(13), (1, 72, 88, 3)))
+    assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
 
 
 @pytest.mark.parametrize("stride, groups", [(1, 8), (2, 8), (2, 1), (1, 1)])

@@ -1,0 +1,429 @@
+"""Convert official MobileViTv2 checkpoints into mvit2_jax model directories.
+
+    python -m mvit2_jax.convert SRC DST [--image-size N]
+
+SRC is either an ml-cvnets checkpoint (``.pt``; names such as ``conv_1.block.conv.weight``)
+or a timm checkpoint (``.safetensors``, ``.pth`` or ``.bin``; names such as
+``stem.conv.weight``). The width multiplier and the number of classes are read from the
+weights. DST is a new (or empty) directory; load it with ``mvit2_jax.load_model(DST)``.
+
+``.safetensors`` files load with numpy alone. ``.pt``/``.pth``/``.bin`` files need PyTorch
+(``pip install "mvit2_jax[convert]"``) and are read with ``weights_only=True``: a pickle that
+would run code is refused.
+
+Conversion goes in two steps: cvnets names are renamed to timm names (`CVNETS_TO_TIMM`), then
+every timm name maps onto one Flax variable (`timm_key_to_path`), whose module names mirror
+timm's: ``stages.2.1.transformer.0.mlp.fc1.weight`` -> params/stages_2_1/transformer_0/fc1/kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+
+from mvit2_jax.models.mobilevitv2 import MobileViTv2, Widths, widths_for
+
+StateDict = Dict[str, np.ndarray]
+Path = Tuple[str, ...]  # (collection, module, ..., leaf), e.g. ("params", "stem", "conv", "kernel")
+
+STANDARD_ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INSTALL_HINT = 'pip install "mvit2_jax[convert]"'
+
+# cvnets name -> timm name, applied in order to every key (reference section 5; cvnets
+# layer i is timm stage i - 1). A replacement is a regex template or a function of the match.
+CVNETS_TO_TIMM: Tuple[Tuple[str, Union[str, Callable[[re.Match], str]]], ...] = (
+    (r"^conv_1\.block\.conv\.", "stem.conv."),
+    (r"^conv_1\.block\.norm\.", "stem.bn."),
+    (r"^layer_(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}."),
+    (r"\.block\.exp_1x1\.block\.conv\.", ".conv1_1x1.conv."),
+    (r"\.block\.exp_1x1\.block\.norm\.", ".conv1_1x1.bn."),
+    (r"\.block\.conv_3x3\.block\.conv\.", ".conv2_kxk.conv."),
+    (r"\.block\.conv_3x3\.block\.norm\.", ".conv2_kxk.bn."),
+    (r"\.block\.red_1x1\.block\.conv\.", ".conv3_1x1.conv."),
+    (r"\.block\.red_1x1\.block\.norm\.", ".conv3_1x1.bn."),
+    (r"\.local_rep\.0\.block\.conv\.", ".conv_kxk.conv."),
+    (r"\.local_rep\.0\.block\.norm\.", ".conv_kxk.bn."),
+    (r"\.local_rep\.1\.block\.conv\.", ".conv_1x1."),
+    (r"\.global_rep\.(\d+)\.pre_norm_attn\.0\.", r".transformer.\1.norm1."),
+    (r"\.global_rep\.(\d+)\.pre_norm_attn\.1\.(qkv_proj|out_proj)\.block\.conv\.", r".transformer.\1.attn.\2."),
+    (r"\.global_rep\.(\d+)\.pre_norm_ffn\.0\.", r".transformer.\1.norm2."),
+    (r"\.global_rep\.(\d+)\.pre_norm_ffn\.1\.block\.conv\.", r".transformer.\1.mlp.fc1."),
+    (r"\.global_rep\.(\d+)\.pre_norm_ffn\.3\.block\.conv\.", r".transformer.\1.mlp.fc2."),
+    (r"\.global_rep\.\d+\.(weight|bias)$", r".norm.\1"),  # the GroupNorm after the last layer
+    (r"\.conv_proj\.block\.conv\.", ".conv_proj.conv."),
+    (r"\.conv_proj\.block\.norm\.", ".conv_proj.bn."),
+    (r"^classifier\.1\.", "head.fc."),
+)
+_CVNETS_RULES = tuple((re.compile(p), r) for p, r in CVNETS_TO_TIMM)
+
+_CVNETS_ROOTS = ("conv_1.", "layer_", "classifier.")
+_TIMM_ROOTS = ("stem.", "stages.", "head.")
+_DROPPED_LEAVES = ("num_batches_tracked",)
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not match the MobileViTv2 architecture."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (any float dtype, bfloat16 included) or array as a numpy array."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
+    """The state dict inside common wrappers: {'state_dict': ...}, {'model': ...}, 'module.'."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _load_torch(path: str) -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"reading {os.path.basename(path)} needs PyTorch: {INSTALL_HINT}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain weights file (loading it would run code "
+            f"from the pickle). Only tensors and plain containers are accepted. Details: {e}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
+
+
+def load_state_dict(path: str) -> StateDict:
+    """Read a checkpoint file into {name: numpy array}, unwrapping common containers.
+
+    ``.safetensors`` is read with numpy only; other files (``.pt``, ``.pth``, ``.bin``) with
+    ``torch.load(weights_only=True)``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint must be a file, got a directory: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            raw: Any = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"could not read {path} as safetensors: {e}") from e
+    else:
+        raw = _load_torch(path)
+    state = _unwrap(raw, path)
+    return {k: _to_numpy(v) for k, v in state.items() if hasattr(v, "shape")}
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def detect_scheme(names: Sequence[str]) -> str:
+    """'cvnets' or 'timm', from the root names of the state dict's keys."""
+    cvnets = any(n.startswith(_CVNETS_ROOTS) for n in names)
+    timm = any(n.startswith(_TIMM_ROOTS) for n in names)
+    if cvnets == timm:
+        sample = ", ".join(sorted(names)[:5]) or "(empty)"
+        what = "both" if cvnets else "neither"
+        raise ConversionError(
+            f"cannot tell the checkpoint's naming scheme: its keys match {what} of cvnets "
+            f"(conv_1., layer_N., classifier.) and timm (stem., stages., head.); first keys: {sample}"
+        )
+    return "cvnets" if cvnets else "timm"
+
+
+def cvnets_to_timm_name(name: str) -> str:
+    """Rename one cvnets state-dict key to timm's name (unknown names pass through)."""
+    for pattern, repl in _CVNETS_RULES:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def to_timm_names(state_dict: Mapping[str, np.ndarray]) -> Tuple[StateDict, Dict[str, str]]:
+    """(state dict in timm names, {timm name: original name}), whatever the input scheme."""
+    if detect_scheme(list(state_dict)) == "timm":
+        return dict(state_dict), {k: k for k in state_dict}
+    renamed: StateDict = {}
+    origin: Dict[str, str] = {}
+    clashes = []
+    for key, value in state_dict.items():
+        new = cvnets_to_timm_name(key)
+        if new in renamed:
+            clashes.append(f"{origin[new]} and {key} both map to {new}")
+            continue
+        renamed[new], origin[new] = value, key
+    if clashes:
+        raise ConversionError("cvnets keys that map to the same name:\n  " + "\n  ".join(clashes))
+    return renamed, origin
+
+
+_MODULE_RENAMES = (
+    (re.compile(r"^stages\.(\d+)\.(\d+)(?=\.|$)"), r"stages_\1_\2"),
+    (re.compile(r"\.transformer\.(\d+)(?=\.|$)"), r".transformer_\1"),
+    (re.compile(r"\.mlp\.(fc1|fc2)$"), r".\1"),
+    (re.compile(r"^head\.fc$"), "head"),
+)
+
+
+def timm_key_to_path(key: str, ndim: int) -> Optional[Path]:
+    """The Flax variable path of timm key `key` (an array of rank `ndim`); None if dropped."""
+    module, _, leaf = key.rpartition(".")
+    if leaf in _DROPPED_LEAVES:
+        return None
+    for pattern, repl in _MODULE_RENAMES:
+        module = pattern.sub(repl, module)
+    parts = tuple(module.split(".")) if module else ()
+    if leaf == "weight":
+        return ("params", *parts, "kernel" if ndim >= 2 else "scale")
+    if leaf == "bias":
+        return ("params", *parts, "bias")
+    if leaf == "running_mean":
+        return ("batch_stats", *parts, "mean")
+    if leaf == "running_var":
+        return ("batch_stats", *parts, "var")
+    return ("unknown", *parts, leaf)  # never a model variable: reported as unexpected
+
+
+def torch_to_flax(value: np.ndarray, target_shape: Tuple[int, ...]) -> np.ndarray:
+    """Re-lay a PyTorch weight for Flax: OIHW -> HWIO, [out, in(,1,1)] -> [in, out]."""
+    if value.ndim == 4 and len(target_shape) == 4:
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 4 and len(target_shape) == 2 and value.shape[2:] == (1, 1):
+        return value[:, :, 0, 0].T
+    if value.ndim == 2 and len(target_shape) == 2:
+        return value.T
+    return value
+
+
+def flax_to_torch_shape(shape: Tuple[int, ...], torch_ndim: int) -> Tuple[int, ...]:
+    """The PyTorch shape that `torch_to_flax` turns into the Flax `shape`."""
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 2 and torch_ndim == 4:
+        return (shape[1], shape[0], 1, 1)
+    if len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def _shape(state_dict: Mapping[str, np.ndarray], key: str) -> Tuple[int, ...]:
+    if key not in state_dict:
+        raise ConversionError(f"cannot read the model's widths: the checkpoint has no {key!r}")
+    return tuple(state_dict[key].shape)
+
+
+def widths_in(state_dict: Mapping[str, np.ndarray]) -> Widths:
+    """The channel widths stored in a timm-named MobileViTv2 state dict."""
+    def out(key: str) -> int:
+        return _shape(state_dict, key)[0]
+
+    return Widths(
+        stem=out("stem.conv.weight"),
+        layer1=out("stages.0.0.conv3_1x1.conv.weight"),
+        layer2=out("stages.1.0.conv3_1x1.conv.weight"),
+        layer3=out("stages.2.0.conv3_1x1.conv.weight"),
+        layer4=out("stages.3.0.conv3_1x1.conv.weight"),
+        layer5=out("stages.4.0.conv3_1x1.conv.weight"),
+        attn3=out("stages.2.1.conv_1x1.weight"),
+        attn4=out("stages.3.1.conv_1x1.weight"),
+        attn5=out("stages.4.1.conv_1x1.weight"),
+    )
+
+
+def detect_alpha(state_dict: Mapping[str, np.ndarray]) -> float:
+    """The width multiplier whose `widths_for` reproduces every width in the state dict."""
+    found = widths_in(state_dict)
+    candidates = list(STANDARD_ALPHAS) + [found.layer5 / 512, found.layer4 / 384, found.layer3 / 256]
+    for alpha in candidates:
+        if alpha > 0 and widths_for(alpha) == found:
+            return float(alpha)
+    raise ConversionError(
+        f"no width multiplier reproduces the checkpoint's widths {found}; tried alpha in "
+        f"{[round(a, 4) for a in candidates]}"
+    )
+
+
+def detect_num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
+    """Number of classes of the timm-named state dict's classifier."""
+    return _shape(state_dict, "head.fc.weight")[0]
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Dict[Path, Any]:
+    flat: Dict[Path, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
+    tree: Dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def _torch_ndim(path: Path, ndim: int) -> int:
+    """Rank of the PyTorch weight behind Flax variable `path`: Dense kernels of the
+    transformer were 1x1 convs, the head's is a Linear."""
+    return 4 if ndim == 2 and path[1] != "head" else ndim
+
+
+def _path_to_timm_key(path: Path) -> str:
+    """Inverse of `timm_key_to_path`, for error messages."""
+    _, *modules, leaf = path
+    name = ".".join(modules)
+    name = re.sub(r"^stages_(\d+)_(\d+)", r"stages.\1.\2", name)
+    name = re.sub(r"\.transformer_(\d+)", r".transformer.\1", name)
+    name = re.sub(r"\.(fc1|fc2)$", r".mlp.\1", name)
+    name = re.sub(r"^head$", "head.fc", name)
+    leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
+    return f"{name}.{leaf}"
+
+
+def convert_state_dict(state_dict: Mapping[str, Any]) -> Tuple[MobileViTv2, Dict[str, Any]]:
+    """(model, {'params', 'batch_stats'}) from a cvnets- or timm-named MobileViTv2 state dict.
+
+    Raises ConversionError listing every missing key, unexpected key and wrong shape.
+    """
+    from mvit2_jax.checkpoint import abstract_variables
+
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    scheme = detect_scheme(list(arrays))
+    timm_sd, origin = to_timm_names(arrays)
+    model = MobileViTv2(alpha=detect_alpha(timm_sd), num_classes=detect_num_classes(timm_sd))
+    target = _flatten(abstract_variables(model))
+
+    def shown(timm_key: str) -> str:
+        return timm_key if scheme == "timm" else f"{origin[timm_key]} (timm name {timm_key})"
+
+    flat: Dict[Path, np.ndarray] = {}
+    seen: Set[Path] = set()  # target paths present in the checkpoint, whatever their shape
+    unexpected: List[str] = []
+    wrong_shape: List[str] = []
+    for key, value in timm_sd.items():
+        path = timm_key_to_path(key, value.ndim)
+        if path is None:
+            continue
+        if path not in target and path[-1] in ("kernel", "scale"):  # weight of an unexpected rank
+            other = path[:-1] + ("scale" if path[-1] == "kernel" else "kernel",)
+            path = other if other in target else path
+        if path not in target:
+            unexpected.append(f"{shown(key)} {tuple(value.shape)}")
+            continue
+        seen.add(path)
+        want = tuple(target[path].shape)
+        converted = torch_to_flax(value, want)
+        if tuple(converted.shape) != want:
+            expected = flax_to_torch_shape(want, _torch_ndim(path, len(want)))
+            wrong_shape.append(f"{shown(key)}: got {tuple(value.shape)}, expected {expected}")
+            continue
+        flat[path] = np.ascontiguousarray(converted, dtype=target[path].dtype)
+    missing = [
+        f"{_path_to_timm_key(p)} {flax_to_torch_shape(tuple(s.shape), _torch_ndim(p, len(s.shape)))}"
+        for p, s in target.items()
+        if p not in seen
+    ]
+    if missing or unexpected or wrong_shape:
+        lines = [
+            f"checkpoint ({scheme} names) does not match MobileViTv2(alpha={model.alpha}, "
+            f"num_classes={model.num_classes}):"
+        ]
+        for title, items in (
+            ("missing keys (timm names)", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", wrong_shape),
+        ):
+            if items:
+                lines.append(f"{len(items)} {title}:")
+                lines.extend(f"  {item}" for item in sorted(items))
+        raise ConversionError("\n".join(lines))
+    variables = _unflatten(flat)
+    variables.setdefault("batch_stats", {})
+    return model, variables
+
+
+def default_image_size(src: str) -> int:
+    """384 for checkpoints whose file name mentions 384, else 256."""
+    return 384 if "384" in os.path.basename(os.fspath(src)) else 256
+
+
+def _check_destination(dst: str) -> None:
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise FileExistsError(f"destination {dst} exists and is not an empty directory: choose a new one")
+
+
+def convert(src: str, dst: str, image_size: Optional[Union[int, Sequence[int]]] = None) -> str:
+    """Convert checkpoint file `src` into a model directory `dst` (new or empty); returns dst."""
+    from mvit2_jax.checkpoint import save_model
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_destination(dst)
+    if image_size is None:
+        image_size = default_image_size(src)
+    size = [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"image_size must be N or (height, width) with positive values, got {image_size!r}")
+    model, variables = convert_state_dict(load_state_dict(src))
+    return save_model(dst, model, variables, extra_config={"source": os.path.abspath(src), "image_size": size})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mvit2_jax.convert",
+        description="Convert an official MobileViTv2 checkpoint (cvnets .pt or timm "
+        ".safetensors/.pth/.bin) into an mvit2_jax model directory.",
+    )
+    parser.add_argument("src", metavar="SRC", help="checkpoint file")
+    parser.add_argument("dst", metavar="DST", help="new or empty output directory")
+    parser.add_argument(
+        "--image-size", type=int, default=None, metavar="N",
+        help="training/evaluation resolution to record (default: 384 if SRC's name contains 384, else 256)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        dst = convert(args.src, args.dst, args.image_size)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Tests of mvit2_jax.convert: official checkpoints -> mvit2_jax model directories.
+
+The parity fixture (tests/fixtures/make_parity_fixture.py) holds a timm mobilevitv2_050
+state dict with random norm statistics and timm's logits for three input sizes, so these
+tests need neither timm nor network access. Tests that write .pt files need torch; the live
+comparison against timm runs only where timm is importable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mvit2_jax.checkpoint import abstract_variables, load_model, read_config
+from mvit2_jax.convert import (
+    ConversionError,
+    convert,
+    convert_state_dict,
+    load_state_dict,
+)
+from mvit2_jax.models import MobileViTv2
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PARITY_WEIGHTS = FIXTURES / "mobilevitv2_050_parity.safetensors"
+PARITY_LOGITS = FIXTURES / "mobilevitv2_050_parity.npz"
+PARITY_SIZES = ("256", "224", "250x270")
+TOLERANCE = 1e-4
+STANDARD_ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+TRANSFORMER_DEPTHS = {2: 2, 3: 4, 4: 3}  # timm stage -> attention layers
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def timm_to_cvnets(name: str) -> str:
+    """timm key -> ml-cvnets key, written from the reference's table (section 5)."""
+
+    def final_norm(m: re.Match) -> str:
+        return f"layer_{int(m[1]) + 1}.1.global_rep.{TRANSFORMER_DEPTHS[int(m[1])]}.{m[2]}"
+
+    rules = (
+        (r"^stem\.conv\.", "conv_1.block.conv."),
+        (r"^stem\.bn\.", "conv_1.block.norm."),
+        (r"^head\.fc\.", "classifier.1."),
+        (r"^stages\.(\d+)\.1\.norm\.(weight|bias)$", final_norm),
+        (r"^stages\.(\d+)\.", lambda m: f"layer_{int(m[1]) + 1}."),
+        (r"\.conv1_1x1\.conv\.", ".block.exp_1x1.block.conv."),
+        (r"\.conv1_1x1\.bn\.", ".block.exp_1x1.block.norm."),
+        (r"\.conv2_kxk\.conv\.", ".block.conv_3x3.block.conv."),
+        (r"\.conv2_kxk\.bn\.", ".block.conv_3x3.block.norm."),
+        (r"\.conv3_1x1\.conv\.", ".block.red_1x1.block.conv."),
+        (r"\.conv3_1x1\.bn\.", ".block.red_1x1.block.norm."),
+        (r"\.conv_kxk\.conv\.", ".local_rep.0.block.conv."),
+        (r"\.conv_kxk\.bn\.", ".local_rep.0.block.norm."),
+        (r"\.conv_1x1\.weight$", ".local_rep.1.block.conv.weight"),
+        (r"\.transformer\.(\d+)\.norm1\.", r".global_rep.\1.pre_norm_attn.0."),
+        (r"\.transformer\.(\d+)\.attn\.(qkv_proj|out_proj)\.", r".global_rep.\1.pre_norm_attn.1.\2.block.conv."),
+        (r"\.transformer\.(\d+)\.norm2\.", r".global_rep.\1.pre_norm_ffn.0."),
+        (r"\.transformer\.(\d+)\.mlp\.fc1\.", r".global_rep.\1.pre_norm_ffn.1.block.conv."),
+        (r"\.transformer\.(\d+)\.mlp\.fc2\.", r".global_rep.\1.pre_norm_ffn.3.block.conv."),
+        (r"\.conv_proj\.conv\.", ".conv_proj.block.conv."),
+        (r"\.conv_proj\.bn\.", ".conv_proj.block.norm."),
+    )
+    for pattern, repl in rules:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def fake_timm_state_dict(alpha: float, num_classes: int = 1000) -> Dict[str, np.ndarray]:
+    """A timm-named state dict of zeros, built from the model's own variable shapes."""
+    abstract = abstract_variables(MobileViTv2(alpha=alpha, num_classes=num_classes))
+    leaf_names = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+    state: Dict[str, np.ndarray] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        _, *modules, leaf_name = [p.key for p in path]
+        module = ".".join(modules)
+        module = re.sub(r"^stages_(\d+)_(\d+)", r"stages.\1.\2", module)
+        module = re.sub(r"\.transformer_(\d+)", r".transformer.\1", module)
+        module = re.sub(r"\.(fc1|fc2)$", r".mlp.\1", module)
+        module = re.sub(r"^head$", "head.fc", module)
+        shape = tuple(leaf.shape)
+        if leaf_name == "kernel" and len(shape) == 4:  # HWIO -> OIHW
+            shape = (shape[3], shape[2], shape[0], shape[1])
+        elif leaf_name == "kernel" and module == "head.fc":  # Linear
+            shape = (shape[1], shape[0])
+        elif leaf_name == "kernel":  # 1x1 convs of the transformer
+            shape = (shape[1], shape[0], 1, 1)
+        state[f"{module}.{leaf_names[leaf_name]}"] = np.zeros(shape, np.float32)
+        if leaf_name == "mean":
+            state[f"{module}.num_batches_tracked"] = np.zeros((), np.int64)
+    return state
+
+
+def flat(variables) -> Dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+
+
+def assert_same_variables(a, b) -> None:
+    fa, fb = flat(a), flat(b)
+    assert sorted(fa) == sorted(fb)
+    for key in fa:
+        assert fa[key].shape == fb[key].shape, key
+        assert fa[key].dtype == fb[key].dtype, key
+        np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "mvit2_jax.convert", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def timm_weights() -> Dict[str, np.ndarray]:
+    return load_file(str(PARITY_WEIGHTS))
+
+
+@pytest.fixture(scope="module")
+def reference(timm_weights):
+    """(model, variables) converted from the parity fixture's timm weights."""
+    return convert_state_dict(timm_weights)
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("converted") / "mobilevitv2_050"
+    assert convert(PARITY_WEIGHTS, dst) == str(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def loaded(converted_dir):
+    return load_model(str(converted_dir))
+
+
+# --------------------------------------------------------------------------- (a) parity
+
+
+def test_converted_config(converted_dir, loaded):
+    config, _, _ = read_config(str(converted_dir))
+    assert config["model"]["alpha"] == 0.5
+    assert config["model"]["num_classes"] == 1000
+    assert config["image_size"] == [256, 256]
+    assert config["source"] == str(PARITY_WEIGHTS)
+    model, _ = loaded
+    assert (model.alpha, model.num_classes) == (0.5, 1000)
+
+
+@pytest.mark.parametrize("size", PARITY_SIZES)
+def test_logits_match_timm(loaded, size):
+    model, variables = loaded
+    data = np.load(PARITY_LOGITS)
+    images, expected = data[f"images_{size}"], data[f"logits_{size}"]
+    logits = np.asarray(jax.jit(model.apply)(variables, images))
+    assert logits.shape == expected.shape == (2, 1000)
+    diff = np.abs(logits - expected).max()
+    assert diff < TOLERANCE, f"{size}: max |jax - timm| = {diff:.3g}"
+
+
+def test_loaded_variables_equal_converted(loaded, reference):
+    assert_same_variables(loaded[1], reference[1])
+
+
+# --------------------------------------------------------------------------- (b) cvnets names
+
+
+def test_cvnets_pt_gives_identical_variables(tmp_path, timm_weights, reference):
+    torch = pytest.importorskip("torch")
+    cvnets = {timm_to_cvnets(k): torch.from_numpy(np.array(v)) for k, v in timm_weights.items()}
+    assert not any(k.startswith(("stem.", "stages.", "head.")) for k in cvnets)
+    path = tmp_path / "mobilevitv2-0.5.pt"
+    torch.save(cvnets, path)
+    model, variables = convert_state_dict(load_state_dict(path))
+    assert (model.alpha, model.num_classes) == (0.5, 1000)
+    assert_same_variables(variables, reference[1])
+
+
+def test_wrapped_torch_checkpoint(tmp_path, timm_weights, reference):
+    torch = pytest.importorskip("torch")
+    inner = {f"module.{k}": torch.from_numpy(np.array(v)) for k, v in timm_weights.items()}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 3, "model": {"state_dict": inner}}, path)
+    _, variables = convert_state_dict(load_state_dict(path))
+    assert_same_variables(variables, reference[1])
+
+
+def test_bfloat16_torch_checkpoint_is_read_as_float32(tmp_path, timm_weights):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "half.bin"
+    torch.save({"stem.conv.weight": torch.from_numpy(timm_weights["stem.conv.weight"]).bfloat16()}, path)
+    loaded = load_state_dict(path)
+    assert loaded["stem.conv.weight"].dtype == np.float32
+    np.testing.assert_allclose(loaded["stem.conv.weight"], timm_weights["stem.conv.weight"], rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------- (c) pickles
+
+
+class _CodeRunningPayload:
+    """Unpickling this calls open(marker, "w"): a stand-in for arbitrary code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_code_running_pickle_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"stem.conv.weight": _CodeRunningPayload(str(marker))}, path)
+    with pytest.raises(ValueError, match="refusing to load") as info:
+        load_state_dict(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="refusing to load"):
+        convert(path, tmp_path / "out")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_torch_missing_gives_install_hint(tmp_path, monkeypatch):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
+    with pytest.raises(ImportError, match=re.escape('pip install "mvit2_jax[convert]"')):
+        load_state_dict(path)
+
+
+def test_package_does_not_import_torch():
+    code = (
+        "import sys, mvit2_jax, mvit2_jax.models, mvit2_jax.checkpoint, mvit2_jax.convert\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- (d) mismatches
+
+
+def test_missing_key_is_listed(timm_weights):
+    state = dict(timm_weights)
+    del state["stages.3.1.transformer.2.attn.out_proj.bias"]
+    with pytest.raises(ConversionError, match="missing") as info:
+        convert_state_dict(state)
+    assert "stages.3.1.transformer.2.attn.out_proj.bias (96,)" in str(info.value)
+
+
+def test_unexpected_key_is_listed(timm_weights):
+    state = dict(timm_weights)
+    state["stages.3.1.extra.weight"] = np.zeros((4, 4), np.float32)
+    with pytest.raises(ConversionError, match="unexpected") as info:
+        convert_state_dict(state)
+    assert "stages.3.1.extra.weight" in str(info.value)
+
+
+def test_wrong_shape_is_listed(timm_weights):
+    state = dict(timm_weights)
+    state["stages.4.1.transformer.0.mlp.fc1.weight"] = np.zeros((256, 128, 3, 3), np.float32)
+    with pytest.raises(ConversionError, match="wrong shape") as info:
+        convert_state_dict(state)
+    message = str(info.value)
+    assert "stages.4.1.transformer.0.mlp.fc1.weight: got (256, 128, 3, 3), expected (256, 128, 1, 1)" in message
+
+
+def test_all_differences_in_one_error(timm_weights):
+    state = {timm_to_cvnets(k): v for k, v in timm_weights.items()}
+    del state["layer_4.1.global_rep.2.pre_norm_ffn.0.weight"]
+    state["layer_4.1.global_rep.9.something.weight"] = np.zeros(3, np.float32)
+    state["classifier.1.bias"] = np.zeros(999, np.float32)
+    with pytest.raises(ConversionError) as info:
+        convert_state_dict(state)
+    message = str(info.value)
+    assert "cvnets names" in message
+    assert "stages.3.1.transformer.2.norm2.weight" in message  # missing, in timm's naming
+    assert "layer_4.1.global_rep.9.something.weight" in message  # unexpected, as given
+    assert "classifier.1.bias (timm name head.fc.bias): got (999,), expected (1000,)" in message
+    assert "head.fc.bias (1000,)" not in message  # present with a wrong shape, so not "missing"
+    assert "1 missing" in message and "1 unexpected" in message and "1 wrong shape" in message
+
+
+def test_unknown_naming_scheme():
+    with pytest.raises(ConversionError, match="naming scheme"):
+        convert_state_dict({"encoder.weight": np.zeros(3, np.float32)})
+
+
+def test_missing_width_key(timm_weights):
+    state = dict(timm_weights)
+    del state["stages.2.1.conv_1x1.weight"]
+    with pytest.raises(ConversionError, match=re.escape("stages.2.1.conv_1x1.weight")):
+        convert_state_dict(state)
+
+
+# --------------------------------------------------------------------------- (e) detection
+
+
+@pytest.mark.parametrize("alpha", STANDARD_ALPHAS)
+def test_alpha_detection(alpha):
+    state = fake_timm_state_dict(alpha)
+    assert len(state) == 269
+    model, variables = convert_state_dict(state)
+    assert (model.alpha, model.num_classes) == (alpha, 1000)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(abstract_variables(model))
+
+
+def test_alpha_detection_cvnets_names():
+    state = {timm_to_cvnets(k): v for k, v in fake_timm_state_dict(1.5).items()}
+    model, _ = convert_state_dict(state)
+    assert (model.alpha, model.num_classes) == (1.5, 1000)
+
+
+def test_num_classes_detection():
+    model, variables = convert_state_dict(fake_timm_state_dict(0.75, num_classes=10))
+    assert (model.alpha, model.num_classes) == (0.75, 10)
+    assert variables["params"]["head"]["kernel"].shape == (384, 10)
+
+
+def test_non_standard_alpha_from_layer5():
+    model, _ = convert_state_dict(fake_timm_state_dict(0.25))
+    assert model.alpha == 0.25
+
+
+def test_inconsistent_widths_are_refused():
+    state = fake_timm_state_dict(1.0)
+    state["stem.conv.weight"] = np.zeros((24, 3, 3, 3), np.float32)
+    with pytest.raises(ConversionError, match="no width multiplier"):
+        convert_state_dict(state)
+
+
+# --------------------------------------------------------------------------- (f) live timm
+
+
+def _randomize_norms(model, torch) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            n = module.weight.shape[0]
+            module.weight.data = torch.empty(n).uniform_(0.5, 1.5, generator=gen)
+            module.bias.data = torch.empty(n).normal_(0.0, 0.2, generator=gen)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.data = torch.empty(n).normal_(0.0, 0.2, generator=gen)
+            module.running_var.data = torch.empty(n).uniform_(0.5, 2.0, generator=gen)
+    head = model.get_classifier()
+    head.weight.data = torch.empty_like(head.weight).normal_(0.0, 3.0 / head.weight.shape[1] ** 0.5, generator=gen)
+
+
+@pytest.mark.parametrize("alpha", (0.5, 0.75, 1.0))
+def test_live_timm_comparison(alpha):
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = timm.create_model(f"mobilevitv2_{round(alpha * 100):03d}", pretrained=False)
+    _randomize_norms(net, torch)
+    net.eval()
+    model, variables = convert_state_dict({k: v.numpy() for k, v in net.state_dict().items()})
+    assert model.alpha == alpha
+    apply = jax.jit(model.apply)
+    rng = np.random.default_rng(0)
+    for h, w in ((256, 256), (250, 270)):
+        images = rng.uniform(size=(2, h, w, 3)).astype(np.float32)
+        with torch.no_grad():
+            expected = net(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()).numpy()
+        diff = np.abs(np.asarray(apply(variables, images)) - expected).max()
+        assert diff < TOLERANCE, f"alpha {alpha}, {h}x{w}: max |jax - timm| = {diff:.3g}"
+
+
+# --------------------------------------------------------------------------- (g) CLI, paths
+
+
+def test_cli_converts_and_refuses_non_empty_destination(tmp_path, reference):
+    dst = tmp_path / "model"
+    result = run_cli(str(PARITY_WEIGHTS), str(dst), "--image-size", "320")
+    assert result.returncode == 0, result.stderr
+    assert str(dst) in result.stdout
+    config, _, _ = read_config(str(dst))
+    assert config["image_size"] == [320, 320]
+    assert_same_variables(load_model(str(dst))[1], reference[1])
+
+    again = run_cli(str(PARITY_WEIGHTS), str(dst))
+    assert again.returncode != 0
+    assert "not an empty directory" in again.stderr and str(dst) in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_cli_bad_source(tmp_path):
+    src = tmp_path / "no_such_checkpoint.safetensors"
+    result = run_cli(str(src), str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "checkpoint not found" in result.stderr and str(src) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_refuses_non_empty_destination(tmp_path):
+    dst = tmp_path / "taken"
+    dst.mkdir()
+    (dst / "file.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        convert(PARITY_WEIGHTS, dst)
+    assert (dst / "file.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(FileExistsError):
+        convert(PARITY_WEIGHTS, a_file)
+
+
+def test_api_bad_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        convert(tmp_path / "missing.pt", tmp_path / "out")
+    with pytest.raises(ValueError, match="directory"):
+        load_state_dict(tmp_path)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_state_dict(garbage)
+
+
+def test_empty_destination_and_384_default(tmp_path):
+    src = tmp_path / "mobilevitv2_050_in22k_ft_384.safetensors"
+    src.symlink_to(PARITY_WEIGHTS)
+    dst = tmp_path / "empty"
+    dst.mkdir()
+    convert(src, dst)
+    config, _, _ = read_config(str(dst))
+    assert config["image_size"] == [384, 384]
