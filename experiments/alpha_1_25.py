@@ -1,0 +1,7 @@
+"""MobileViTv2-1.25 on ImageNet-1k at 256x256 with the paper's recipe."""
+
+from experiments import base
+
+
+def get_config():
+    return base.get_config(alpha=1.25)

@@ -1,0 +1,101 @@
+"""Finding, preparing and sharding TFDS datasets, with one-line errors for the usual mistakes.
+
+`load_split` is the one way the pipeline opens a split: an unknown dataset name, an unknown
+split or a dataset that is not prepared fails there with a message that says what to do,
+before any example is read. Datasets whose builder sets `PREPARES_OFFLINE` (mvit2_digits)
+are prepared into the data dir on first use; everything else must already be prepared.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from typing import Any, Optional
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# Files a person must fetch by hand for datasets that TFDS cannot download itself.
+MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+
+
+class DatasetNotPreparedError(RuntimeError):
+    """A TFDS dataset exists but has not been prepared in the data dir."""
+
+
+def get_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for `name` ("imagenet2012", "cifar10", "imagenette/320px-v2", ...)."""
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)  # the community list needs the network
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown TFDS dataset {name!r}.{hint}") from None
+
+
+def _not_prepared_message(builder: tfds.core.DatasetBuilder, data_dir: Optional[str]) -> str:
+    root = os.fspath(data_dir or builder.data_dir_root)
+    build = f"`tfds build {builder.name} --data_dir {root}`"
+    if builder.name in MANUAL_FILES:
+        files = " and ".join(MANUAL_FILES[builder.name])
+        return (
+            f"{builder.name} is not prepared in {root}: put {files} in "
+            f"{os.path.join(root, 'downloads', 'manual')}/ and run {build} (hours, once)."
+        )
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        return (
+            f"{builder.name} is not prepared in {root}: it needs a manual download into "
+            f"{os.path.join(root, 'downloads', 'manual')}/ (see its TFDS page), then run {build}."
+        )
+    return f"{builder.name} is not prepared in {root}: run {build} on a machine with internet access."
+
+
+def load_split(name: str, split: str, data_dir: Optional[str] = None, **as_dataset_kwargs: Any) -> tf.data.Dataset:
+    """`builder.as_dataset(split)`, preparing offline-preparable datasets first; clear errors."""
+    builder = get_builder(name, data_dir)
+    if getattr(builder, "PREPARES_OFFLINE", False) and not builder.is_prepared():
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        except OSError:
+            if not builder.is_prepared():  # else another process sharing data_dir finished first
+                raise
+    try:
+        return builder.as_dataset(split=split, **as_dataset_kwargs)
+    except AssertionError:  # TFDS's way of saying "no data in data_dir"
+        raise DatasetNotPreparedError(_not_prepared_message(builder, data_dir)) from None
+    except ValueError as e:  # an unknown split name or a malformed slice
+        available = ", ".join(builder.info.splits) or "none recorded"
+        reason = "" if "Unknown split" in str(e) else ": " + str(e).splitlines()[0]
+        raise ValueError(f"{name} has no split {split!r} (available: {available}){reason}") from None
+
+
+def check_dataset(name: str, split: str, data_dir: Optional[str] = None) -> None:
+    """Raise the errors of `load_split` now, before a run builds its model and state."""
+    load_split(name, split, data_dir)
+
+
+def num_examples(name: str, split: str, data_dir: Optional[str] = None) -> int:
+    """Examples in `split` (slices such as "train[:10%]" allowed), from TFDS's metadata."""
+    count = int(load_split(name, split, data_dir).cardinality())
+    if count < 0:
+        raise ValueError(f"{name}[{split}] does not record its number of examples")
+    return count
+
+
+def process_split(split: str, process_index: int, process_count: int) -> Any:
+    """This process's disjoint share of `split`; shares differ in size by at most one."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Full global batches in one pass over `num_examples` (the train stream drops the rest)."""
+    return num_examples // global_batch_size
+
+
+def eval_steps(num_examples: int, batch_size: int, process_count: int = 1) -> int:
+    """Batches every process yields in one eval pass: its largest share, rounded up."""
+    return math.ceil(math.ceil(num_examples / process_count) / batch_size)

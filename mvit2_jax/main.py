@@ -1,0 +1,76 @@
+"""Train or evaluate MobileViTv2.
+
+    python -m mvit2_jax.main --config=experiments/alpha_1.py --workdir=DIR [--config.FIELD=VALUE ...]
+    python -m mvit2_jax.main --config=experiments/alpha_1.py --workdir=DIR --mode=eval
+
+Running the same command again resumes from the latest checkpoint in DIR. Multi-host:
+jax.distributed is initialized automatically on Cloud TPU pods and under SLURM, or from
+--coordinator_address/--num_processes/--process_id.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints and logs of this run")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or evaluate the latest checkpoint")
+flags.DEFINE_string("eval_split", None, "--mode=eval: split to evaluate (default: config.data.eval_split)")
+flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+flags.DEFINE_string("cpu_collectives", "gloo", "CPU multi-process collectives implementation")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _init_distributed() -> None:
+    import jax
+
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        if FLAGS.cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
+        jax.distributed.initialize()  # auto-detects the cluster
+
+
+class _QuietLibraries:
+    """Drop the INFO chatter of Orbax and TFDS from the log; their warnings still show."""
+
+    NOISY = ("/orbax/", "/tensorflow_datasets/", "/clu/data/")
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not any(part in record.pathname for part in self.NOISY)
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # tf.data only: keep accelerators for JAX
+    _init_distributed()
+    import jax
+
+    from mvit2_jax import train
+
+    logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), jax.default_backend())
+    try:
+        if FLAGS.mode == "eval":
+            metrics = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.eval_split)
+        else:
+            metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if jax.process_index() == 0 and metrics:
+        print(" ".join(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())))
+
+
+if __name__ == "__main__":
+    app.run(main)

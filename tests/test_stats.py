@@ -1,0 +1,32 @@
+"""The model-statistics command: parameters and GMACs next to the paper's numbers."""
+
+import pytest
+
+from mvit2_jax.models import MobileViTv2
+from mvit2_jax.stats import PAPER, main, model_stats
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_gmacs_within_two_percent_of_the_paper(alpha):
+    stats = model_stats(MobileViTv2(alpha=alpha), 256)
+    params, gmacs, _ = PAPER[alpha]
+    assert stats["params"] == params
+    assert abs(stats["macs"] / 1e9 - gmacs) / gmacs < 0.02
+
+
+def test_macs_grow_with_resolution():
+    small = model_stats(MobileViTv2(alpha=0.5), 256)["macs"]
+    large = model_stats(MobileViTv2(alpha=0.5), 384)["macs"]
+    assert 2.0 < large / small < 2.5  # (384/256)^2 = 2.25 for the convolutions
+
+
+def test_cli_prints_a_row_per_width(capsys):
+    main(["--alphas", "0.5,0.75"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split()[:3] == ["0.5", "1,370,593", "1,370,593"]
+    assert out[3].split()[0] == "0.75" and len(out) == 4
+
+
+def test_cli_rejects_bad_widths():
+    with pytest.raises(SystemExit):
+        main(["--alphas", "0,1"])

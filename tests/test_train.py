@@ -1,0 +1,187 @@
+"""The training system: config checks, sharding invariance, multi-process, exact resume, learning.
+
+All runs use the digits (built offline from scikit-learn) at 32x32 with alpha 0.5 and one
+shared config (tests/train_config.py), so one compile serves most tests.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mvit2_jax import load_model, train
+from mvit2_jax.checkpoint import read_config
+from train_config import small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def subprocess_env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    return env
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.alpha", 0.0, "alpha must be > 0"),
+        ("model.attention", "performer", "attention must be one of"),
+        ("data.image_size", 16, "at least 32"),
+        ("batch_size", 30, "divisible by the 4 devices"),
+        ("grad_accum_steps", 3, "divisible by config.grad_accum_steps"),
+        ("optim.name", "lamb", "adamw"),
+        ("ema_decay", 1.0, "ema_decay"),
+    ],
+)
+def test_bad_config_is_one_clear_line(field, value, message):
+    config = small_config()
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=message) as err:
+        train.validate_config(config, device_count=4, process_count=1)
+    assert "\n" not in str(err.value)
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
+    config = small_config()
+    config.optim.warmup_steps = 10
+    schedule = train.learning_rate_schedule(config, 100)
+    o = config.optim
+    assert float(schedule(0)) == pytest.approx(o.warmup_init_lr, rel=1e-3)
+    assert float(schedule(10)) == pytest.approx(o.lr, rel=1e-5)
+    assert float(schedule(100)) == pytest.approx(o.min_lr, rel=1e-3)
+    assert float(schedule(5)) < float(schedule(10)) and float(schedule(60)) < float(schedule(20))
+
+
+def test_weight_decay_skips_one_dimensional_parameters():
+    mask = train.decay_mask({"kernel": np.zeros((3, 3)), "bias": np.zeros(3), "scale": np.zeros(3)})
+    assert mask == {"kernel": True, "bias": False, "scale": False}
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def run_probe(tmp_path, devices: int, num_steps: int = 2) -> dict:
+    out = tmp_path / f"probe_{devices}.npz"
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "train_probe.py"), str(out), str(num_steps)],
+        env=subprocess_env(devices), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def test_step_on_one_device_equals_step_on_four(tmp_path):
+    one, four = run_probe(tmp_path, 1), run_probe(tmp_path, 4)
+    assert int(one.pop("device_count")) == 1 and int(four.pop("device_count")) == 4
+    assert one.keys() == four.keys()
+    for key in one:  # params and BatchNorm statistics (over the global batch) alike
+        np.testing.assert_allclose(one[key], four[key], rtol=2e-4, atol=2e-5, err_msg=key)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_to_identical_parameters(tmp_path):
+    port = free_port()
+    args = [
+        sys.executable, "-m", "mvit2_jax.main", "--config=experiments/quickstart.py", f"--workdir={tmp_path / 'run'}",
+        "--config.batch_size=32", "--config.eval_batch_size=64", "--config.num_epochs=1",
+        "--config.data.train_split=train[:192]", "--config.data.eval_split=test[:100]",
+        "--config.log_every_steps=2", "--config.checkpoint_every_steps=3", "--config.eval_every_steps=1000",
+        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(args + [f"--process_id={i}"], env=subprocess_env(2), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    sums = [re.search(r"process (\d) params checksum (\S+) at step 6", log) for log in logs]
+    assert all(sums), logs[0][-2000:]
+    assert {m.group(1) for m in sums} == {"0", "1"}
+    assert sums[0].group(2) == sums[1].group(2)
+    assert "4 global devices" in logs[0]
+
+
+# ----------------------------------------------------------------------------- resume and learning
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    config = small_config(train_split="train[:192]", eval_split="test[:100]")
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=3)
+    assert read_config(str(tmp_path / "resumed"))[1] == 3
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    for ema in (False, True):
+        _, a = load_model(str(tmp_path / "straight"), ema=ema)
+        _, b = load_model(str(tmp_path / "resumed"), ema=ema)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory):
+    """A short quickstart run on the full digits split: 3 epochs of batch 32 (132 steps)."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    config = small_config()
+    config.num_epochs = 3
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 1000
+    metrics = train.train_and_evaluate(config, str(workdir))
+    return workdir, metrics
+
+
+def test_short_quickstart_run_learns(learned_run):
+    workdir, metrics = learned_run
+    assert metrics["num_examples"] == 360
+    assert metrics["top1"] > 0.5  # chance is 0.1
+    assert (workdir / "checkpoints").is_dir()
+    assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard log"
+
+
+def test_load_model_reads_a_training_workdir(learned_run):
+    workdir, _ = learned_run
+    model, raw = load_model(str(workdir), ema=False)
+    _, ema = load_model(str(workdir), ema=True)
+    assert model.num_classes == 10 and model.alpha == 0.5
+    assert not np.allclose(raw["params"]["head"]["kernel"], ema["params"]["head"]["kernel"])
+    assert read_config(str(workdir))[0]["class_names"] == [str(i) for i in range(10)]
+
+
+def test_eval_mode_evaluates_the_latest_checkpoint(learned_run):
+    workdir, metrics = learned_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvit2_jax.main", "--config=experiments/quickstart.py", f"--workdir={workdir}",
+         "--mode=eval", "--config.batch_size=32", "--config.eval_batch_size=64"],
+        env=subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = dict(kv.split("=") for kv in proc.stdout.split())
+    assert float(printed["top1"]) == pytest.approx(metrics["top1"], abs=1e-6)
+    assert float(printed["ema_top1"]) == pytest.approx(metrics["ema_top1"], abs=1e-6)
+
+
+def test_eval_mode_without_a_checkpoint_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvit2_jax.main", "--config=experiments/quickstart.py", f"--workdir={tmp_path}", "--mode=eval"],
+        env=subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2 and "no checkpoint in" in proc.stderr
