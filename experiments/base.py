@@ -40,6 +40,10 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.data_dir = ml_collections.config_dict.placeholder(str)
     c.data.num_classes = 1000
+    # Image folders (--config.data.dataset=/path/to/folder: one sub-folder per class).
+    c.data.folder_val_fraction = 0.1  # without split folders: share of each class held out as "validation"
+    c.data.folder_split_seed = 0
+    c.data.bad_files = "skip"  # unreadable / non-image files: "skip" (logged and counted) or "error"
     c.data.image_size = 256
     c.data.eval_resize_size = 288
     c.data.shuffle_buffer = 16_384
@@ -53,6 +57,11 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.data.cutmix_alpha = 1.0
     c.data.mix_prob = 0.5
     c.data.mix_switch_prob = 0.5
+
+    # Fine-tuning: start from an Orbax checkpoint (a training workdir or mvit2_jax.convert output).
+    c.init_from = ml_collections.config_dict.placeholder(str)
+    c.init_from_ema = True  # training checkpoints: start from the EMA weights
+    c.freeze_backbone = False  # train the head only (backbone params and BN statistics fixed)
 
     c.batch_size = 1024  # global, over all devices and hosts
     c.eval_batch_size = 1024
@@ -74,6 +83,7 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.momentum = 0.9  # sgd
     c.optim.grad_clip_norm = 10.0
+    c.optim.backbone_lr_scale = 1.0  # learning-rate factor for everything but the head
     c.ema_decay = 0.9995
 
     c.log_every_steps = 100

@@ -17,13 +17,14 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints and logs of this run")
+flags.DEFINE_string("checkpoint", None, "--mode=eval: a converted model or run to evaluate (default: --workdir)")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or evaluate the latest checkpoint")
 flags.DEFINE_string("eval_split", None, "--mode=eval: split to evaluate (default: config.data.eval_split)")
 flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 flags.DEFINE_string("cpu_collectives", "gloo", "CPU multi-process collectives implementation")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def _init_distributed() -> None:
@@ -56,15 +57,20 @@ def main(argv):
     import jax
 
     from mvit2_jax import train
+    from mvit2_jax.data import DatasetNotPreparedError
 
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.default_backend())
     try:
         if FLAGS.mode == "eval":
-            metrics = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.eval_split)
+            if not (FLAGS.checkpoint or FLAGS.workdir):
+                raise ValueError("--mode=eval needs --workdir=RUN_DIR or --checkpoint=MODEL_DIR")
+            metrics = train.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint or FLAGS.workdir, FLAGS.eval_split)
         else:
+            if not FLAGS.workdir:
+                raise ValueError("training needs --workdir=DIR (checkpoints and logs go there)")
             metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, DatasetNotPreparedError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -142,10 +142,16 @@ def eval_input(config: ml_collections.ConfigDict, split: Optional[str] = None) -
     )
 
 
+def configure_dataset(config: ml_collections.ConfigDict) -> None:
+    """Give an image-folder dataset its options before anything reads it."""
+    d = config.data
+    if data_lib.is_folder_dataset(d.dataset):
+        data_lib.configure_folder(d.dataset, val_fraction=d.folder_val_fraction, seed=d.folder_split_seed, on_bad_file=d.bad_files)
+
+
 def class_names(config: ml_collections.ConfigDict) -> Optional[list]:
     """The dataset's label names, recorded with checkpoints for predict."""
-    label = data_lib.datasets.get_builder(config.data.dataset, config.data.data_dir).info.features["label"]
-    return list(label.names) if hasattr(label, "names") else None
+    return data_lib.class_names(config.data.dataset, config.data.data_dir)
 
 
 def check_num_classes(config: ml_collections.ConfigDict) -> None:
@@ -201,17 +207,26 @@ def decay_mask(params: Any) -> Any:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW or SGD+momentum, optionally with a frozen or slower backbone, after global-norm clipping."""
     o = config.optim
-    if o.name == "adamw":
-        opt = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
-    else:
-        opt = optax.chain(
-            optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
-            optax.sgd(schedule, momentum=o.momentum),
-        )
+
+    def base() -> optax.GradientTransformation:
+        if o.name == "adamw":
+            return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+        return optax.chain(optax.add_decayed_weights(o.weight_decay, mask=decay_mask), optax.sgd(schedule, momentum=o.momentum))
+
+    opt = base()
+    if config.freeze_backbone or o.backbone_lr_scale != 1.0:
+        backbone = optax.set_to_zero() if config.freeze_backbone else optax.chain(base(), optax.scale(o.backbone_lr_scale))
+        opt = optax.multi_transform({"head": opt, "backbone": backbone}, head_or_backbone)
     if o.grad_clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
     return opt
+
+
+def head_or_backbone(params: Any) -> Any:
+    """'head' for the classifier's parameters, 'backbone' for everything else."""
+    return {k: jax.tree.map(lambda _: "head" if k == "head" else "backbone", v) for k, v in params.items()}
 
 
 def init_state(model: MobileViTv2, tx: optax.GradientTransformation, config: ml_collections.ConfigDict) -> TrainState:
@@ -268,15 +283,14 @@ def train_step(
     )
 
     def loss_fn(params, batch_stats, images, targets, key):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": key},
-        )
+        variables = {"params": params, "batch_stats": batch_stats}
+        if config.freeze_backbone:  # a frozen backbone runs as at inference: BN running statistics
+            logits = model.apply(variables, images, train=False)
+        else:
+            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+            batch_stats = updates["batch_stats"]
         loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-        return loss, (logits, updates["batch_stats"])
+        return loss, (logits, batch_stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = config.grad_accum_steps
@@ -461,6 +475,42 @@ def restore_variables(directory: str, step: int, abstract: Dict[str, Any], ema: 
     return jax.tree.map(jnp.asarray, variables)
 
 
+def merge_pretrained(target: Any, source: Any) -> Tuple[Any, list]:
+    """`target` with every array that `source` has at the same path and shape; the rest listed."""
+    src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    merged, fresh = [], []
+    for path, value in leaves:
+        key = jax.tree_util.keystr(path)
+        if key in src and tuple(np.shape(src[key])) == tuple(value.shape):
+            merged.append(jnp.asarray(src[key], value.dtype))
+        else:
+            merged.append(value)
+            fresh.append(key + ("" if key not in src else f" (shape {tuple(np.shape(src[key]))} -> {tuple(value.shape)})"))
+    return jax.tree_util.tree_unflatten(treedef, merged), fresh
+
+
+def init_from_pretrained(state: TrainState, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
+    """Start from config.init_from's weights: same width and attention; new shapes re-initialized."""
+    from mvit2_jax.checkpoint import load_model, read_config
+
+    path = config.init_from
+    source = read_config(path)[0]["model"]
+    for field in ("alpha", "attention"):
+        if source[field] != config.model[field]:
+            raise ValueError(
+                f"config.init_from={path} holds a {field}={source[field]!r} model but config.model.{field}={config.model[field]!r}: "
+                f"set config.model.{field}={source[field]!r} or choose another checkpoint"
+            )
+    _, variables = load_model(path, ema=config.init_from_ema)
+    params, fresh = merge_pretrained(state.params, variables["params"])
+    batch_stats, fresh_stats = merge_pretrained(state.batch_stats, variables["batch_stats"])
+    logging.info("Initialized from %s; re-initialized (not in the checkpoint or new shape): %s", path, ", ".join(fresh + fresh_stats) or "nothing")
+    params, batch_stats = jax.device_put((params, batch_stats), NamedSharding(mesh, P()))
+    copy = functools.partial(jax.tree.map, jnp.copy)  # distinct buffers: the train step donates the state
+    return state.replace(params=params, batch_stats=batch_stats, ema_params=copy(params), ema_batch_stats=copy(batch_stats))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -509,6 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     schedule, as a preemption would; running again continues the same run.
     """
     validate_config(config, jax.device_count(), jax.process_count())
+    configure_dataset(config)
     data_lib.check_dataset(config.data.dataset, config.data.train_split, config.data.data_dir)
     data_lib.check_dataset(config.data.dataset, config.data.eval_split, config.data.data_dir)
     check_num_classes(config)
@@ -521,6 +572,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     state = restore(mngr, steps)
     if state is None:
         state = steps.init()
+        if config.init_from:
+            state = init_from_pretrained(state, config, steps.mesh)
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
         logging.info("Starting a new run in %s", workdir)
     else:
@@ -577,15 +630,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     return eval_metrics
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: Optional[str] = None) -> Dict[str, float]:
-    """Evaluate the latest checkpoint in `workdir` (raw and EMA weights) on a split."""
+def evaluate_checkpoint(config: ml_collections.ConfigDict, source: str, split: Optional[str] = None) -> Dict[str, float]:
+    """Evaluate a checkpoint (a training workdir: raw and EMA; or a converted model) on a split.
+
+    The model (width, attention, classes) comes from the checkpoint; the data and
+    preprocessing from `config`.
+    """
+    from mvit2_jax.checkpoint import load_model, read_config
+
+    try:
+        recorded = read_config(source)[0]["model"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint in {source}: pass --workdir of a run or --checkpoint of a converted model") from None
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for field, value in recorded.items():
+            if field == "num_classes":
+                config.data.num_classes = value
+            elif field in config.model:
+                config.model[field] = value
     validate_config(config, jax.device_count(), jax.process_count())
+    configure_dataset(config)
     data_lib.check_dataset(config.data.dataset, split or config.data.eval_split, config.data.data_dir)
+    check_num_classes(config)
     steps = compile_steps(config, 1)
-    with checkpoint_manager(workdir, config, read_only=True) as mngr:
-        state = restore(mngr, steps)
-    if state is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/{TRAIN_CHECKPOINT_SUBDIR}: train first or pass --workdir of a run")
+    _, raw = load_model(source, ema=False)
+    _, ema = load_model(source, ema=True)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=raw["params"], batch_stats=raw["batch_stats"], opt_state=(),
+        ema_params=ema["params"], ema_batch_stats=ema["batch_stats"], rng=jnp.zeros((2,), jnp.uint32),
+    )
+    state = jax.device_put(state, NamedSharding(steps.mesh, P()))
     return evaluate(steps, state, config, split, progress=True)
 
 

@@ -2,8 +2,12 @@
 
 `load_split` is the one way the pipeline opens a split: an unknown dataset name, an unknown
 split or a dataset that is not prepared fails there with a message that says what to do,
-before any example is read. Datasets whose builder sets `PREPARES_OFFLINE` (mvit2_digits)
-are prepared into the data dir on first use; everything else must already be prepared.
+before any example is read. Datasets whose builder sets `PREPARES_OFFLINE` (mvit2_digits,
+image folders) are prepared into the data dir on first use; everything else must already
+be prepared.
+
+A dataset name that is a directory ("/data/pets", "~/pets", "./pets", "data/pets" when it
+exists) is an image-folder dataset (folder.py): one sub-folder per class, no code needed.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from mvit2_jax.data import folder
 
 # Files a person must fetch by hand for datasets that TFDS cannot download itself.
 MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
@@ -25,14 +31,32 @@ class DatasetNotPreparedError(RuntimeError):
 
 
 def get_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `name` ("imagenet2012", "cifar10", "imagenette/320px-v2", ...)."""
+    """The TFDS builder for `name` ("imagenet2012", "cifar10", "imagenette/320px-v2", ...) or
+    for an image folder given by its path ("/data/pets", "~/pets", "./pets"; see folder.py)."""
+    if folder.is_folder_dataset(name):
+        return folder.builder(name, data_dir)
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         known = tfds.list_builders(with_community_datasets=False)  # the community list needs the network
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
+        if "/" in name or os.sep in name:
+            hint += f" No directory {os.path.abspath(os.path.expanduser(name))} exists either."
         raise ValueError(f"Unknown TFDS dataset {name!r}.{hint}") from None
+
+
+def class_names(name: str, data_dir: Optional[str] = None) -> Optional[List[str]]:
+    """The label names of a dataset (TFDS or folder), or None if it has no class label.
+
+    Reads only the builder's description: nothing is prepared. Labels declared by count
+    alone are named "0", "1", ... as TFDS names them.
+    """
+    features = get_builder(name, data_dir).info.features
+    if not isinstance(features, tfds.features.FeaturesDict) or "label" not in features.keys():
+        return None
+    label = features["label"]
+    return list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
 
 
 def _not_prepared_message(builder: tfds.core.DatasetBuilder, data_dir: Optional[str]) -> str:
@@ -52,8 +76,8 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder, data_dir: Optional[
     return f"{builder.name} is not prepared in {root}: run {build} on a machine with internet access."
 
 
-def load_split(name: str, split: str, data_dir: Optional[str] = None, **as_dataset_kwargs: Any) -> tf.data.Dataset:
-    """`builder.as_dataset(split)`, preparing offline-preparable datasets first; clear errors."""
+def prepared_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+    """`get_builder`, after preparing a dataset that prepares offline if it is not yet."""
     builder = get_builder(name, data_dir)
     if getattr(builder, "PREPARES_OFFLINE", False) and not builder.is_prepared():
         try:
@@ -61,6 +85,12 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None, **as_datas
         except OSError:
             if not builder.is_prepared():  # else another process sharing data_dir finished first
                 raise
+    return builder
+
+
+def load_split(name: str, split: str, data_dir: Optional[str] = None, **as_dataset_kwargs: Any) -> tf.data.Dataset:
+    """`builder.as_dataset(split)`, preparing offline-preparable datasets first; clear errors."""
+    builder = prepared_builder(name, data_dir)
     try:
         return builder.as_dataset(split=split, **as_dataset_kwargs)
     except AssertionError:  # TFDS's way of saying "no data in data_dir"

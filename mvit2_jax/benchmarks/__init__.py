@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m mvit2_jax.benchmarks.NAME --help`. They measure; tests only smoke-run them."""
