@@ -85,6 +85,7 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.optim.grad_clip_norm = 10.0
     c.optim.backbone_lr_scale = 1.0  # learning-rate factor for everything but the head
     c.ema_decay = 0.9995
+    c.max_nonfinite_steps = 20  # stop after this many consecutive non-finite (skipped) updates
 
     c.log_every_steps = 100
     c.eval_every_steps = 5_000

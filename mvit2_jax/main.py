@@ -74,9 +74,27 @@ def main(argv):
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except train.NonFiniteError as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     if jax.process_index() == 0 and metrics:
         print(" ".join(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())))
 
 
+def parse_flags(argv):
+    """absl's parser, with a one-line error for a --config.FIELD that the config does not have."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        bad = [a for a in argv if a.startswith("--config.")]
+        field = str(e).strip("\"'")
+        print(f"error: unknown config field {field!r} (in {' '.join(bad)}): see experiments/base.py for the fields", file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

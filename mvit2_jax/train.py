@@ -73,6 +73,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int, proces
             raise ValueError(f"config.{name} ({size}) must be divisible by the {process_count} processes")
     if config.optim.name not in ("adamw", "sgd"):
         raise ValueError(f"config.optim.name must be 'adamw' or 'sgd', got {config.optim.name!r}")
+    if config.max_nonfinite_steps < 1:
+        raise ValueError(f"config.max_nonfinite_steps must be >= 1, got {config.max_nonfinite_steps}")
     if not 0 <= config.ema_decay < 1:
         raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
 
@@ -180,6 +182,7 @@ class TrainState:
     ema_params: Any
     ema_batch_stats: Any
     rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+    bad_steps: jax.Array  # consecutive steps whose loss or gradient was not finite (update skipped)
 
 
 def create_model(config: ml_collections.ConfigDict) -> MobileViTv2:
@@ -244,6 +247,7 @@ def init_state(model: MobileViTv2, tx: optax.GradientTransformation, config: ml_
         ema_params=params,
         ema_batch_stats=batch_stats,
         rng=jax.random.key_data(train_key),
+        bad_steps=jnp.zeros((), jnp.int32),
     )
 
 
@@ -321,22 +325,41 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     decay = config.ema_decay
     ema = lambda e, p: decay * e + (1.0 - decay) * p  # noqa: E731
-    new_state = state.replace(
-        step=state.step + 1,
+    updated = state.replace(
         params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
         ema_params=jax.tree.map(ema, state.ema_params, params),
         ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, batch_stats),
     )
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss or gradient leaves every weight, statistic and optimizer moment as it was.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    new_state = new_state.replace(step=state.step + 1, bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
     metrics = {
         "loss": loss,
         "top1": topk_correct(logits, labels, 1).mean(),
         "top5": topk_correct(logits, labels, 5).mean(),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         "learning_rate": schedule(state.step),
+        "skipped_update": 1.0 - finite.astype(jnp.float32),
     }
     return new_state, metrics
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def check_finite(bad_steps: int, limit: int, step: int) -> None:
+    """Stop the run once `limit` consecutive updates were skipped as non-finite."""
+    if limit and bad_steps >= limit:
+        raise NonFiniteError(
+            f"loss or gradient was not finite for {bad_steps} consecutive steps (steps {step - bad_steps + 1} to {step}); "
+            "those updates were not applied and the checkpoints hold the last good weights: lower config.optim.lr, "
+            "use float32, or check the data"
+        )
 
 
 def eval_step(state: TrainState, batch: Batch, *, model: MobileViTv2) -> Metrics:
@@ -455,11 +478,29 @@ def abstract_state(steps: Steps) -> TrainState:
 
 
 def restore(mngr: ocp.CheckpointManager, steps: Steps, step: Optional[int] = None) -> Optional[TrainState]:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        return None
+    """The newest readable checkpoint (or `step`); unreadable ones are moved aside with a warning."""
     args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state(steps))})
-    return mngr.restore(step, args=args)[STATE_ITEM]
+    if step is not None:
+        return mngr.restore(step, args=args)[STATE_ITEM]
+    for candidate in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return mngr.restore(candidate, args=args)[STATE_ITEM]
+        except Exception as e:  # a truncated, deleted or half-written file: any read error
+            moved = quarantine(mngr, candidate)
+            logging.warning("Checkpoint %d is unreadable (%s: %s); moved it to %s and trying the previous one",
+                            candidate, type(e).__name__, str(e).splitlines()[0][:200], moved)
+    return None
+
+
+def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
+    """Move checkpoint `step` out of the manager's directory (kept for inspection, not deleted)."""
+    directory = os.fspath(mngr.directory)
+    target = os.path.join(os.path.dirname(directory), "corrupt_checkpoints", f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(directory, str(step)), target)
+    mngr.reload()
+    return target
 
 
 def restore_variables(directory: str, step: int, abstract: Dict[str, Any], ema: bool = True) -> Dict[str, Any]:
@@ -564,7 +605,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     data_lib.check_dataset(config.data.dataset, config.data.eval_split, config.data.data_dir)
     check_num_classes(config)
     num_steps = total_steps(config)
+    with WorkdirLock(workdir):
+        return _train_loop(config, workdir, num_steps, stop_after_steps)
 
+
+class WorkdirLock:
+    """An exclusive lock on WORKDIR/.lock (process 0), so two runs never share a workdir."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(os.path.abspath(workdir), ".lock")
+        self.file = None
+
+    def __enter__(self) -> "WorkdirLock":
+        if jax.process_index() != 0:
+            return self
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(
+                f"{os.path.dirname(self.path)} is in use by a running job ({holder}): wait for it to end or choose another --workdir"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
+
+
+def _train_loop(config: ml_collections.ConfigDict, workdir: str, num_steps: int, stop_after_steps: Optional[int]) -> Dict[str, float]:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     steps = compile_steps(config, num_steps)
     meta = run_config(config, steps.model)
@@ -610,6 +689,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
                 eval_metrics = evaluate(steps, state, config)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                 t_log = time.time()
+            if step % config.max_nonfinite_steps == 0 or step % config.log_every_steps == 0 or is_last:
+                check_finite(int(jax.device_get(state.bad_steps)), config.max_nonfinite_steps, step)
             evaluated = step % config.eval_every_steps == 0 or is_last
             stopping = stop_after_steps is not None and step - start >= stop_after_steps
             preempted = flag.should_stop(mngr, step, check_peers=step % config.log_every_steps == 0)
