@@ -45,10 +45,16 @@ def wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 400) ->
         time.sleep(0.2)
 
 
-def test_kill9_then_same_command_ends_identical_to_uninterrupted_run(straight_run, tmp_path):
-    workdir = tmp_path / "run"
+def start_epoch_run(workdir: Path):
+    """The straight run's config through the command line, checkpointing every 4 steps."""
     args = cli(workdir, "--config.data.eval_split=test[:64]", "--config.checkpoint_every_steps=4")
     proc = subprocess.Popen(args, env=subprocess_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return args, proc
+
+
+def test_kill9_then_same_command_ends_identical_to_uninterrupted_run(straight_run, tmp_path):
+    workdir = tmp_path / "run"
+    args, proc = start_epoch_run(workdir)
     wait_for_checkpoint(proc, workdir, 8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -60,8 +66,7 @@ def test_kill9_then_same_command_ends_identical_to_uninterrupted_run(straight_ru
 
 def test_sigterm_saves_the_current_step_and_exits_preempted(straight_run, tmp_path):
     workdir = tmp_path / "run"
-    args = cli(workdir, "--config.data.eval_split=test[:64]", "--config.checkpoint_every_steps=4")
-    proc = subprocess.Popen(args, env=subprocess_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args, proc = start_epoch_run(workdir)
     wait_for_checkpoint(proc, workdir, 4)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
