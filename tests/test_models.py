@@ -237,6 +237,22 @@ def test_conv_implementations_agree(stride, groups):
     np.testing.assert_allclose(xla, unrolled, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_implementations_have_the_same_gradients(stride):
+    x = jax.random.normal(jax.random.key(16), (2, 9, 10, 8))
+    variables = Conv(8, 3, stride, 8).init(jax.random.key(17), x)
+
+    def grads(impl):
+        def loss(v, x):
+            return jnp.sum(jnp.sin(Conv(8, 3, stride, 8, impl=impl).apply(v, x)))
+
+        return jax.grad(loss, argnums=(0, 1))(variables, x)
+
+    (gv_xla, gx_xla), (gv_unrolled, gx_unrolled) = grads("xla"), grads("unrolled")
+    np.testing.assert_allclose(gx_unrolled, gx_xla, atol=1e-5)
+    np.testing.assert_allclose(gv_unrolled["params"]["kernel"], gv_xla["params"]["kernel"], atol=1e-4)
+
+
 def test_mha_heads_are_configurable():
     x = jnp.zeros((1, 64, 64, 3))
     variables = abstract_init(MobileViTv2(alpha=0.5, attention="mha", num_heads=8), x.shape)

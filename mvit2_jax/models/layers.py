@@ -46,7 +46,7 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-def _depthwise_unrolled(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+def _depthwise_unrolled_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     """Depthwise conv as a sum of k*k shifted multiply-adds (NHWC, kernel [k, k, 1, C])."""
     k = kernel.shape[0]
     h, w = x.shape[1], x.shape[2]
@@ -65,6 +65,100 @@ def _depthwise_unrolled(x: jax.Array, kernel: jax.Array, stride: int, pad: int) 
             term = patch * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
+
+
+# Elements of one block of rows (per channel set) in the depthwise kernel gradient: small
+# enough that the k*k shifted copies of a block stay in cache.
+_DK_BLOCK_ELEMENTS = 32768
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_unrolled(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """Depthwise conv as multiply-adds, with a hand-written backward pass.
+
+    Differentiating the multiply-adds directly would keep all k*k shifted copies of the
+    input for the kernel gradient and materialize k*k padded copies of the output gradient;
+    this backward keeps only the input and computes both gradients with fused passes.
+    """
+    return _depthwise_unrolled_forward(x, kernel, stride, pad)
+
+
+def _depthwise_unrolled_fwd(x, kernel, stride, pad):
+    return _depthwise_unrolled_forward(x, kernel, stride, pad), (x, kernel)
+
+
+def _depthwise_unrolled_bwd(stride, pad, residuals, g):
+    x, kernel = residuals
+    k = kernel.shape[0]
+    b, h, w, c = x.shape
+    out_h, out_w = g.shape[1], g.shape[2]
+    zero = jnp.zeros((), g.dtype)
+    # Input gradient: the transposed convolution, i.e. the output gradient dilated by the
+    # stride, padded, and correlated with the flipped kernel.
+    lo = k - 1 - pad
+    span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+    gp = jax.lax.pad(
+        g, zero, ((0, 0, 0), (lo, h + k - 1 - lo - span_h, stride - 1), (lo, w + k - 1 - lo - span_w, stride - 1), (0, 0, 0))
+    )
+    dx = None
+    for i in range(k):
+        for j in range(k):
+            term = jax.lax.slice(gp, (0, i, j, 0), (b, i + h, j + w, c)) * kernel[k - 1 - i, k - 1 - j, 0]
+            dx = term if dx is None else dx + term
+    # Kernel gradient: per tap, the sum over batch and space of shifted input * gradient,
+    # accumulated over blocks of rows of one image at a time so that the shifted copies
+    # stay in cache (taken over the whole batch they would be materialized in memory).
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = max(1, min(out_h, _DK_BLOCK_ELEMENTS // (out_w * c)))
+    while out_h % rows:
+        rows -= 1
+    blocks = out_h // rows
+    in_rows = (rows - 1) * stride + k
+
+    def accumulate(t, acc):
+        n, r = t // blocks, t % blocks
+        xs = jax.lax.dynamic_slice(xp, (n, r * rows * stride, 0, 0), (1, in_rows, xp.shape[2], c))
+        gs = jax.lax.dynamic_slice(g, (n, r * rows, 0, 0), (1, rows, out_w, c)).astype(jnp.float32)
+        taps = []
+        for i in range(k):
+            for j in range(k):
+                patch = jax.lax.slice(xs, (0, i, j, 0), (1, i + (rows - 1) * stride + 1, j + span_w, c), (1, stride, stride, 1))
+                taps.append(jnp.sum(patch.astype(jnp.float32) * gs, axis=(0, 1, 2)))
+        return acc + jnp.stack(taps)
+
+    dk = jax.lax.fori_loop(0, b * blocks, accumulate, jnp.zeros((k * k, c), jnp.float32))
+    dk = dk.reshape(kernel.shape).astype(kernel.dtype)
+    return dx.astype(x.dtype), dk
+
+
+_depthwise_unrolled.defvjp(_depthwise_unrolled_fwd, _depthwise_unrolled_bwd)
+
+
+@jax.custom_vjp
+def _pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """1x1 convolution as a matrix product over the channel axis (kernel [C_in, C_out]).
+
+    The backward pass computes the kernel gradient as one product contracting the
+    flattened batch and spatial axes of both operands, which XLA:CPU runs without copies;
+    differentiating jnp.dot directly lets XLA fold a transpose into the producer of the
+    output gradient, which then writes it transposed, several times slower.
+    """
+    return jnp.dot(x, kernel)
+
+
+def _pointwise_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, g):
+    x, kernel = residuals
+    cin, cout = kernel.shape
+    dkernel = jax.lax.dot_general(x.reshape(-1, cin), g.reshape(-1, cout), (((0,), (0,)), ((), ())))
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 class Conv(nn.Module):
@@ -93,7 +187,7 @@ class Conv(nn.Module):
         impl = resolve_conv_impl(self.impl)
         pad = (k - 1) // 2
         if k == 1 and self.strides == 1 and self.groups == 1:
-            y = jnp.dot(x, kernel[0, 0])
+            y = _pointwise(x, kernel[0, 0]) if impl == "unrolled" else jnp.dot(x, kernel[0, 0])
         elif impl == "unrolled" and self.groups == cin == self.features:
             y = _depthwise_unrolled(x, kernel, self.strides, pad)
         else:
@@ -112,8 +206,17 @@ class Conv(nn.Module):
         return y
 
 
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """nn.Dense's product through `_pointwise` (same result, faster backward on XLA:CPU)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and rhs.ndim == 2 and precision is None:
+        return _pointwise(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
+
+
 def torch_dense(features: int, in_features: int, dtype: Dtype, name: Optional[str] = None) -> nn.Dense:
     """Linear map over the last axis, initialized like a PyTorch 1x1 conv with bias."""
+    extra = {"dot_general": _dense_dot_general} if resolve_conv_impl("auto") == "unrolled" else {}
     return nn.Dense(
         features,
         dtype=dtype,
@@ -121,6 +224,7 @@ def torch_dense(features: int, in_features: int, dtype: Dtype, name: Optional[st
         kernel_init=torch_default_kernel_init,
         bias_init=torch_default_bias_init(in_features),
         name=name,
+        **extra,
     )
 
 

@@ -1,0 +1,183 @@
+"""Shared helpers of the benchmarks: timing, machine facts, memory, tables and plots.
+
+Every measurement records the 1-minute load average before and after it: on a shared
+machine a load above the core count means other processes took CPU time from ours.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+# Allocator settings that change XLA:CPU's (and PyTorch's) speed a lot: recorded with results.
+ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def load_average() -> float:
+    """The 1-minute load average (runnable processes, all users)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def allocator_env() -> str:
+    """The allocator-related environment, e.g. 'LD_PRELOAD=...tcmalloc...' or 'default'."""
+    items = [f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if os.environ.get(k)]
+    return " ".join(items) if items else "default"
+
+
+def machine_info() -> Dict[str, Any]:
+    """Facts about this machine and JAX backend, written beside every table."""
+    import jax
+
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "cpu_cores": cpu_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "allocator_env": allocator_env(),
+        "load_average_at_start": load_average(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_call(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 1,
+    min_repeats: int = 3,
+    max_repeats: int = 20,
+    min_total_s: float = 1.0,
+) -> Dict[str, Any]:
+    """Median wall time of `fn()` (which must block until its result is ready).
+
+    Runs `warmup` untimed calls, then repeats until both `min_repeats` calls and
+    `min_total_s` seconds are done (at most `max_repeats` calls).
+    """
+    for _ in range(warmup):
+        fn()
+    load_before = load_average()
+    times: List[float] = []
+    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_total_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "repeats": len(times),
+        "load": max(load_before, load_average()),
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark in MiB.
+
+    Reads VmHWM (Linux), which starts afresh in a new program; ru_maxrss, the fallback,
+    carries the parent's peak over into a child started by fork + exec.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def device_peak_mb() -> Optional[float]:
+    """Peak bytes in use on the first accelerator in MiB, where the backend reports it (GPU, TPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2**20, 1)
+
+
+def write_table(
+    rows: Sequence[Dict[str, Any]],
+    columns: Sequence[str],
+    out_dir: str,
+    name: str,
+    title: str,
+    notes: Sequence[str] = (),
+    info: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Write `name`.csv, `name`.md (and `name`.json with `info`); print the markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name + ".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _cell(row.get(c)) for c in columns})
+    lines = [f"## {title}", ""]
+    if info:
+        lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+        lines.append("")
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    if notes:
+        lines.append("")
+        lines.extend(f"- {n}" for n in notes)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, name + ".md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
+        json.dump({"info": info or {}, "rows": list(rows), "notes": list(notes)}, f, indent=1, default=str)
+    print(text, flush=True)
+    return text
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return ""
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

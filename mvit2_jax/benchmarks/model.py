@@ -1,0 +1,271 @@
+"""Whole-model throughput per width: inference and the real train step, beside timm.
+
+    python -m mvit2_jax.benchmarks.model --out /tmp/bench_model --alphas 0.5 1.0 \\
+        --batch 16 --timm-python /path/to/venv/bin/python
+    python -m mvit2_jax.benchmarks.model --out /tmp/bench_model --tiny   # seconds, no timm
+
+For each width multiplier: inference images/s (jit of model.apply, eval mode) and training
+images/s (mvit2_jax.train.compile_steps' train step: AdamW, gradient clipping, EMA,
+Mixup/CutMix, on synthetic batches, as mvit2_jax.benchmarks.train_step), the time to the
+first step (init + compile + first call), and the peak memory (process RSS high-water mark;
+on GPU/TPU also the device's peak bytes in use). Each measurement runs in a fresh process
+(so peak memory and compile time are its own) unless --in-process. Images/s come from the
+median step time after warm-up.
+
+With --timm-python (a Python that has torch and timm), timm's mobilevitv2_* runs on the same
+machine at the same batch size and resolution through timm_bench.py, in its best eager
+setting (channels_last; torch.inference_mode for inference; AdamW training step), and the
+table gives the ratio ours / timm. Writes model.{md,csv,json}, model_vs_timm.{md,csv,json}
+and model.png to --out. Every row records the load average while it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from mvit2_jax.benchmarks import common
+
+ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+TIMM_NAMES = {a: f"mobilevitv2_{round(a * 100):03d}" for a in ALPHAS}
+RESULT_PREFIX = "BENCHMARK_RESULT "
+TIMM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "timm_bench.py")
+
+
+def make_config(alpha: float, batch: int, size: int, dtype: str, config_path: Optional[str]):
+    """The experiment config for width `alpha` (the paper's recipe), resized for the benchmark."""
+    if config_path and os.path.exists(config_path):
+        spec = importlib.util.spec_from_file_location("benchmark_config", config_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        from experiments import base as module  # the repository's recipe, run from its root
+    get_config = module.get_config
+    config = get_config(alpha=alpha) if "alpha" in inspect.signature(get_config).parameters else get_config()
+    config.model.alpha = alpha
+    config.model.dtype = dtype
+    config.data.image_size = size
+    config.data.eval_resize_size = max(config.data.eval_resize_size, size)
+    config.batch_size = batch
+    return config
+
+
+def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """One measurement of this package's model, in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mvit2_jax.benchmarks import train_step
+    from mvit2_jax.models import MobileViTv2
+
+    alpha, batch, size, dtype = spec["alpha"], spec["batch"], spec["size"], spec["dtype"]
+    row: Dict[str, Any] = {"alpha": alpha, "impl": "mvit2_jax", "mode": spec["mode"], "batch": batch, "size": size, "dtype": dtype}
+    if spec["mode"] == "infer":
+        model = MobileViTv2(alpha=alpha, dtype=dtype)
+        images = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), np.float32))
+        # Random weights of the right shapes: compiling the real init (threefry) would dominate
+        # the time to first step, and a deployed model loads its weights instead.
+        variables = train_step.random_like(jax.eval_shape(model.init, jax.random.key(0), images[:1]))
+        t0 = time.perf_counter()
+        forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        jax.block_until_ready(forward(variables, images))
+        row["first_step_s"] = round(time.perf_counter() - t0, 2)
+        t = common.time_call(
+            lambda: jax.block_until_ready(forward(variables, images)),
+            warmup=1, min_repeats=spec["repeats"], max_repeats=200, min_total_s=spec["min_time"],
+        )
+        row.update(step_ms=1000 * t["median_s"], min_step_ms=1000 * t["min_s"], repeats=t["repeats"], load=t["load"])
+    else:
+        config = make_config(alpha, batch, size, dtype, spec.get("config"))
+        m = train_step.measure(
+            config, batch, steps=spec["repeats"], warmup=2, min_time=spec["min_time"], real_init=spec.get("real_init", True)
+        )
+        row.update(
+            first_step_s=m["time_to_first_step_s"], init_s=m["init_s"], step_ms=m["step_time_ms"], min_step_ms=m["min_step_time_ms"],
+            repeats=m["steps_timed"], load=m["load"],
+        )
+    row["images_per_s"] = batch / (row["step_ms"] / 1000)
+    row["peak_rss_MiB"] = common.peak_rss_mb()
+    row["device_peak_MiB"] = common.device_peak_mb()
+    return row
+
+
+def run_isolated(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """run_ours in a fresh Python process (its own peak RSS and compile)."""
+    cmd = [sys.executable, "-m", "mvit2_jax.benchmarks.model", "--worker", json.dumps(spec)]
+    return _run_json(cmd, spec)
+
+
+def run_timm(python: str, spec: Dict[str, Any]) -> Dict[str, Any]:
+    alpha = spec["alpha"]
+    cmd = [
+        python, TIMM_SCRIPT, "--model", TIMM_NAMES[alpha], "--mode", spec["mode"], "--batch", str(spec["batch"]),
+        "--size", str(spec["size"]), "--repeats", str(spec["repeats"]), "--min-time", str(spec["min_time"]),
+    ]
+    out = _run_json(cmd, spec, prefix="")
+    if "error" in out:
+        return out
+    return {
+        "alpha": alpha, "impl": f"timm {out['timm']} (torch {out['torch']}, {out['memory_format']}, {out['threads']} threads)",
+        "mode": spec["mode"], "batch": spec["batch"], "size": spec["size"], "dtype": "float32",
+        "first_step_s": out["first_step_s"], "step_ms": out["step_ms"], "min_step_ms": out["min_step_ms"],
+        "repeats": out["repeats"], "load": out["load"], "images_per_s": out["images_per_s"],
+        "peak_rss_MiB": out["peak_rss_MiB"],
+    }
+
+
+def _run_json(cmd: List[str], spec: Dict[str, Any], prefix: str = RESULT_PREFIX) -> Dict[str, Any]:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(prefix) and line[len(prefix):].lstrip().startswith("{"):
+            return json.loads(line[len(prefix):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"alpha": spec["alpha"], "mode": spec["mode"], "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+
+
+def wait_for_load(max_load: Optional[float], max_wait_s: float) -> None:
+    """Sleep until the 1-minute load average drops below `max_load` (at most `max_wait_s`)."""
+    if max_load is None:
+        return
+    deadline = time.time() + max_wait_s
+    while common.load_average() >= max_load and time.time() < deadline:
+        time.sleep(10)
+
+
+def ratio_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    out = []
+    for r in rows:
+        if r.get("impl") != "mvit2_jax" or not r.get("images_per_s"):
+            continue
+        t = [x for x in rows if x.get("impl", "").startswith("timm") and x["alpha"] == r["alpha"] and x["mode"] == r["mode"]]
+        if t and t[0].get("images_per_s"):
+            out.append({
+                "alpha": r["alpha"], "mode": r["mode"], "ours_img_s": r["images_per_s"], "timm_img_s": t[0]["images_per_s"],
+                "ours_over_timm": r["images_per_s"] / t[0]["images_per_s"],
+                "ours_first_step_s": r.get("first_step_s"), "timm_first_step_s": t[0].get("first_step_s"),
+                "ours_peak_rss_MiB": r.get("peak_rss_MiB"), "timm_peak_rss_MiB": t[0].get("peak_rss_MiB"),
+                "load": max(r.get("load") or 0, t[0].get("load") or 0),
+            })
+    return out
+
+
+def plot(rows: Sequence[Dict[str, Any]], path: str, title: str) -> None:
+    plt = common.pyplot()
+    modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        alphas = sorted({r["alpha"] for r in rows if r["mode"] == mode})
+        xs = range(len(alphas))
+        for offset, impl, color in ((-0.2, "mvit2_jax", "tab:blue"), (0.2, "timm", "tab:orange")):
+            vals = []
+            for a in alphas:
+                r = [x for x in rows if x["mode"] == mode and x["alpha"] == a and x.get("impl", "").startswith(impl) and x.get("images_per_s")]
+                vals.append(r[0]["images_per_s"] if r else 0.0)
+            if any(vals):
+                bars = ax.bar([x + offset for x in xs], vals, width=0.4, color=color, label=impl)
+                ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(list(xs), [str(a) for a in alphas])
+        ax.set_xlabel("width multiplier alpha")
+        ax.set_ylabel("images / s")
+        ax.set_title({"infer": "inference", "train": "training step"}[mode])
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="directory for model*.{md,csv,json} and model.png")
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls at least")
+    parser.add_argument("--min-time", type=float, default=10.0, help="timed seconds at least, per measurement")
+    parser.add_argument("--config", default="experiments/base.py", help="experiment file with get_config(alpha=...)")
+    parser.add_argument("--timm-python", default=None, help="a Python with torch and timm; skipped if absent")
+    parser.add_argument("--timm-alphas", type=float, nargs="+", default=None, help="widths to run timm for (default: all)")
+    parser.add_argument("--in-process", action="store_true", help="measure in this process (peak RSS is then cumulative)")
+    parser.add_argument("--wait-for-load", type=float, default=None, help="before each measurement wait until load < this")
+    parser.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for the load at most")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run: alpha 0.5, 64x64, batch 2, in-process")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:  # a child process measuring one configuration
+        print(RESULT_PREFIX + json.dumps(run_ours(json.loads(args.worker))), flush=True)
+        return []
+    if not args.out:
+        parser.error("--out is required")
+    if args.tiny:
+        args.alphas, args.size, args.batch, args.repeats, args.min_time = [0.5], 64, 2, 2, 0.0
+        args.in_process = True
+    notes = []
+    timm_python = args.timm_python
+    if timm_python and not (os.path.isfile(timm_python) and os.access(timm_python, os.X_OK)):
+        notes.append(f"timm skipped: {timm_python} is not an executable Python")
+        timm_python = None
+    elif not timm_python:
+        notes.append("timm skipped: no --timm-python given")
+
+    info = common.machine_info()
+    info.update(batch=args.batch, size=args.size, dtype=args.dtype)
+    print(f"model benchmark: {info}", flush=True)
+    rows: List[Dict[str, Any]] = []
+    for alpha in args.alphas:
+        for mode in args.modes:
+            spec = dict(
+                alpha=alpha, mode=mode, batch=args.batch, size=args.size, dtype=args.dtype, repeats=args.repeats,
+                min_time=args.min_time, config=args.config, real_init=not args.tiny,
+            )
+            wait_for_load(args.wait_for_load, args.max_wait)
+            row = run_ours(spec) if args.in_process else run_isolated(spec)
+            rows.append(row)
+            print(f"  ours alpha={alpha} {mode}: {row.get('images_per_s', row.get('error'))} img/s (load {row.get('load')})", flush=True)
+            if timm_python and alpha in TIMM_NAMES and (args.timm_alphas is None or alpha in args.timm_alphas):
+                wait_for_load(args.wait_for_load, args.max_wait)
+                row = run_timm(timm_python, spec)
+                rows.append(row)
+                print(f"  timm alpha={alpha} {mode}: {row.get('images_per_s', row.get('error'))} img/s (load {row.get('load')})", flush=True)
+    for r in rows:
+        if r.get("error"):
+            notes.append(f"alpha {r['alpha']} {r['mode']} failed: {r['error']}")
+    if args.in_process:
+        notes.append("measured in one process: peak_rss_MiB is the process's high-water mark so far")
+    if info["backend"] == "cpu":
+        notes.append("CPU run; no GPU/TPU numbers in this table (device_peak_MiB applies to accelerators only)")
+    notes.append(
+        "first_step_s: compile + first call; infer uses random weights (no init), train includes the "
+        "real init (init_s: its compile and run)" + (" except in --tiny (random weights)" if args.tiny else "")
+    )
+    notes.append("train: our step also does Mixup/CutMix, label smoothing, gradient clipping and an EMA of the weights; timm's is a plain AdamW step")
+    columns = ["alpha", "impl", "mode", "batch", "size", "dtype", "images_per_s", "step_ms", "min_step_ms", "repeats",
+               "first_step_s", "init_s", "peak_rss_MiB", "device_peak_MiB", "load", "error"]
+    common.write_table(rows, columns, args.out, "model", f"Model throughput at {args.size}x{args.size}, batch {args.batch}", notes, info)
+    ratios = ratio_rows(rows)
+    if ratios:
+        columns = ["alpha", "mode", "ours_img_s", "timm_img_s", "ours_over_timm", "ours_first_step_s", "timm_first_step_s",
+                   "ours_peak_rss_MiB", "timm_peak_rss_MiB", "load"]
+        common.write_table(ratios, columns, args.out, "model_vs_timm", "mvit2_jax / timm images per second", (), info)
+    title = f"MobileViTv2 {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {info['backend']} ({info['cpu_cores']} cores)"
+    plot(rows, os.path.join(args.out, "model.png"), title)
+    print(f"wrote {args.out}/model*.{{md,csv,json}} and model.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

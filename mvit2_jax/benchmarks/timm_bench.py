@@ -1,0 +1,112 @@
+"""timm's mobilevitv2_* on this machine, for the model benchmark to compare against.
+
+Run by `mvit2_jax.benchmarks.model` with whatever Python has torch and timm (it imports
+nothing else, and nothing from mvit2_jax):
+
+    /path/to/python timm_bench.py --model mobilevitv2_100 --mode infer --batch 16 --size 256
+
+Prints one JSON line. Best eager settings: channels_last memory format; inference under
+torch.inference_mode in eval mode; training = model.train(), forward, cross-entropy,
+backward, AdamW step, with set_to_none gradients. The first call (warm-up) is timed
+separately as time to first step.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+
+def peak_rss_mib():
+    """VmHWM (this program's own peak; ru_maxrss would include the parent's after fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="mobilevitv2_100")
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=5.0)
+    parser.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+
+    import timm
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    model = timm.create_model(args.model, pretrained=False).to(memory_format=fmt)
+    images = torch.rand(args.batch, 3, args.size, args.size).contiguous(memory_format=fmt)
+    labels = torch.randint(0, 1000, (args.batch,))
+
+    if args.mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(images)
+
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            opt.step()
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    load_before = os.getloadavg()[0]
+    times = []
+    while len(times) < args.repeats or (sum(times) < args.min_time and len(times) < 50):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    print(
+        json.dumps(
+            {
+                "impl": "timm",
+                "model": args.model,
+                "mode": args.mode,
+                "batch": args.batch,
+                "size": args.size,
+                "memory_format": args.memory_format,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "first_step_s": round(first, 2),
+                "step_ms": round(1000 * median, 1),
+                "min_step_ms": round(1000 * min(times), 1),
+                "repeats": len(times),
+                "images_per_s": round(args.batch / median, 2),
+                "peak_rss_MiB": peak_rss_mib(),
+                "load": round(max(load_before, os.getloadavg()[0]), 2),
+            }
+        )
+    )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""launch/colab.ipynb runs top to bottom in its reduced CPU mode (fixture weights, 6 steps).
+
+The kernel gets the session's persistent compilation cache (conftest) and runs the training
+tests' small config, so with a warm cache its train and eval steps are loaded, not compiled.
+"""
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from mvit2_jax.checkpoint import read_config
+from test_train import subprocess_env
+from train_config import small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "launch" / "colab.ipynb"
+
+
+def test_notebook_is_valid_and_stored_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert nb.metadata["accelerator"] == "TPU"
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("notebook")
+    env = subprocess_env(1)
+    env.update(MVIT2_NOTEBOOK_SMOKE="1", MVIT2_NOTEBOOK_WORKDIR=str(workdir), MPLBACKEND="agg")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client.execute(env=env)  # raises CellExecutionError naming the failing cell
+    return nb, workdir
+
+
+def test_notebook_runs_in_reduced_mode_and_saves_the_curves(executed):
+    nb, workdir = executed
+    curves = workdir / "training_curves.png"
+    assert curves.is_file() and curves.stat().st_size > 10_000
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "mode: reduced" in text and "skipping the install" in text
+    assert "MobileViTv2-0.5: 1000 classes" in text
+    assert text.count("%  ") >= 5  # the top-5 lines
+    assert "test top-1:" in text and "digit_0.png: true" in text
+
+
+def test_notebook_fine_tunes_with_the_training_tests_config(executed):
+    """The same config as tests/train_config.py, so the compiled steps are shared through the cache."""
+    _, workdir = executed
+    recorded = read_config(str(workdir / "finetune_digits"))[0]["config"]
+    expected = small_config(train_split="train[:192]", eval_split="test[:100]").to_dict()
+    assert recorded["init_from"] == str(workdir / "mobilevitv2_050_in1k")
+    recorded.pop("init_from"), expected.pop("init_from")  # loaded into the state: not part of any compiled program
+    assert recorded == json.loads(json.dumps(expected))  # (JSON turns tuples into lists)
