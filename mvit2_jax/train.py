@@ -665,7 +665,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, num_steps: int,
     batches = prefetch(train_input(config, start), sharding, config.prefetch)
     report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps)
     flag = PreemptionFlag()
-    history, t_log, eval_metrics = [], time.time(), {}
+    history, t_log, eval_metrics, step = [], time.time(), {}, start
+    if start >= num_steps:
+        logging.info("The run in %s is complete (step %d of %d): evaluating only", workdir, start, num_steps)
+        eval_metrics = evaluate(steps, state, config)
     try:
         for step in range(start + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):

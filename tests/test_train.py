@@ -54,6 +54,7 @@ def test_bad_config_is_one_clear_line(field, value, message):
 
 def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
     config = small_config()
+    config.optim.schedule = "cosine"
     config.optim.warmup_steps = 10
     schedule = train.learning_rate_schedule(config, 100)
     o = config.optim
