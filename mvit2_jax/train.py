@@ -743,6 +743,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, source: str, split: O
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=raw["params"], batch_stats=raw["batch_stats"], opt_state=(),
         ema_params=ema["params"], ema_batch_stats=ema["batch_stats"], rng=jnp.zeros((2,), jnp.uint32),
+        bad_steps=jnp.zeros((), jnp.int32),
     )
     state = jax.device_put(state, NamedSharding(steps.mesh, P()))
     return evaluate(steps, state, config, split, progress=True)
