@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mvit2_jax import allocator
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints and logs of this run")
@@ -97,4 +99,5 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+    allocator.maybe_reexec()
     app.run(main, flags_parser=parse_flags)

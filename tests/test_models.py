@@ -12,7 +12,7 @@ from mvit2_jax.models import (
     SeparableSelfAttention,
     widths_for,
 )
-from mvit2_jax.models.layers import Conv, align_corners_matrix, resize_bilinear_align_corners
+from mvit2_jax.models.layers import Conv, ConvBN, align_corners_matrix, batch_norm_act_train, resize_bilinear_align_corners
 from mvit2_jax.models.mobilevitv2 import fold, unfold
 
 REFERENCE = {  # alpha: (stem, l1, l2, l3, l4, l5, d3, d4, d5, params)
@@ -251,6 +251,54 @@ def test_conv_implementations_have_the_same_gradients(stride):
     (gv_xla, gx_xla), (gv_unrolled, gx_unrolled) = grads("xla"), grads("unrolled")
     np.testing.assert_allclose(gx_unrolled, gx_xla, atol=1e-5)
     np.testing.assert_allclose(gv_unrolled["params"]["kernel"], gv_xla["params"]["kernel"], atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [True, False])
+def test_fused_batch_norm_equals_flax_batch_norm(act):
+    """The CPU path's BatchNormAct (hand-written backward) against nn.BatchNorm + nn.silu:
+    the same variables, outputs, running statistics and gradients, in training and eval mode."""
+    x = 3.0 * jax.random.normal(jax.random.key(18), (4, 6, 5, 8)) + 1.0
+    fused, library = (ConvBN(8, 3, 1, 8, act=act, conv_impl=impl) for impl in ("unrolled", "xla"))
+    variables = fused.init(jax.random.key(19), x, True)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, library.init(jax.random.key(19), x, True))
+    # Non-trivial scale, bias and running statistics.
+    variables = jax.tree.map(lambda v: v + 0.3 * jax.random.uniform(jax.random.key(20), v.shape), variables)
+
+    def loss(params, x, module):
+        y, updates = module.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y) * y), updates
+
+    results = {}
+    for name, module in (("fused", fused), ("library", library)):
+        (value, updates), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x, module)
+        results[name] = (value, updates, grads, module.apply(variables, x, False))
+    (v1, u1, g1, e1), (v2, u2, g2, e2) = results["fused"], results["library"]
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((u1, g1, e1)), jax.tree.leaves((u2, g2, e2))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # The running averages moved (momentum 0.9 towards the batch statistics).
+    mean = jnp.mean(jax.lax.conv_general_dilated(
+        x, variables["params"]["conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=8), axis=(0, 1, 2))
+    np.testing.assert_allclose(u1["batch_stats"]["bn"]["mean"], 0.9 * variables["batch_stats"]["bn"]["mean"] + 0.1 * mean, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_batch_norm_gradient_of_returned_statistics():
+    """batch_norm_act_train's backward includes the paths through the returned mean and variance."""
+    x = jax.random.normal(jax.random.key(21), (3, 4, 5, 6))
+    scale, bias = jnp.linspace(0.5, 1.5, 6), jnp.linspace(-0.2, 0.2, 6)
+
+    def reference(x):
+        mean = jnp.mean(x, (0, 1, 2))
+        var = jnp.mean(jnp.square(x), (0, 1, 2)) - jnp.square(mean)
+        y = nn.silu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias)
+        return jnp.sum(y**3) + jnp.sum(jnp.cos(mean)) + jnp.sum(var**2)
+
+    def fused(x):
+        y, mean, var = batch_norm_act_train(x, scale, bias, 1e-5, True)
+        return jnp.sum(y**3) + jnp.sum(jnp.cos(mean)) + jnp.sum(var**2)
+
+    np.testing.assert_allclose(jax.grad(fused)(x), jax.grad(reference)(x), rtol=1e-4, atol=1e-5)
 
 
 def test_mha_heads_are_configurable():

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvit2_jax import allocator
 from mvit2_jax.benchmarks import common
 from mvit2_jax.models.attention import LinformerSelfAttention, MultiHeadSelfAttention, SeparableSelfAttention
 
@@ -113,12 +114,15 @@ def measure_unit(
 
 
 def loglog_slope(rows: Sequence[Dict[str, Any]], unit: str, mode: str) -> Optional[float]:
-    """Growth exponent between the two largest measured k (1: linear, 2: quadratic)."""
+    """Growth exponent of time in k (1: linear, 2: quadratic): least-squares slope in log-log
+    over the larger half of the measured token counts (at least the two largest)."""
     pts = sorted((r["k"], r["ms"]) for r in rows if r["unit"] == unit and r["mode"] == mode and r.get("ms"))
     if len(pts) < 2:
         return None
-    (k0, t0), (k1, t1) = pts[-2], pts[-1]
-    return math.log(t1 / t0) / math.log(k1 / k0)
+    pts = pts[-max(2, (len(pts) + 1) // 2):]
+    x = np.log([k for k, _ in pts])
+    y = np.log([t for _, t in pts])
+    return float(np.polyfit(x, y, 1)[0])
 
 
 def plot(rows: Sequence[Dict[str, Any]], path: str, title: str) -> None:
@@ -133,7 +137,8 @@ def plot(rows: Sequence[Dict[str, Any]], path: str, title: str) -> None:
                 ax.plot(ks, ts, style, color=colors[unit], label=f"{unit} {mode}", markersize=4)
             for r in rows:
                 if r["unit"] == unit and r["mode"] == mode and r.get("skipped"):
-                    ax.annotate("skipped\n(memory)", (r["k"], pts[-1][1] if pts else 1.0), color=colors[unit], fontsize=7, ha="center")
+                    y = (pts[-1][1] if pts else 1.0) * (2.0 if mode == "fwd" else 0.5)
+                    ax.annotate(f"{mode}\nskipped\n(memory)", (r["k"], y), color=colors[unit], fontsize=6, ha="center")
     measured = [(r["k"], r["ms"]) for r in rows if r.get("ms")]
     if measured:
         kmin = min(k for k, _ in measured)
@@ -148,10 +153,9 @@ def plot(rows: Sequence[Dict[str, Any]], path: str, title: str) -> None:
     ax.set_ylabel("time per call (ms, median)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
@@ -196,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         for mode in MODES:
             s = loglog_slope(rows, unit, mode)
             if s is not None:
-                notes.append(f"{unit} {mode}: time grows as k^{s:.2f} between the two largest measured k")
+                notes.append(f"{unit} {mode}: time grows as k^{s:.2f} (log-log fit over the larger half of the measured k)")
     for mode in MODES:
         for k in sorted({1024, max(args.ks)} & set(args.ks)):
             r = [x for x in rows if x["unit"] == "mha" and x["k"] == k and x["mode"] == mode]
@@ -217,4 +221,5 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    allocator.maybe_reexec()
     main()

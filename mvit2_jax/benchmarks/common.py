@@ -16,9 +16,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-# Allocator settings that change XLA:CPU's (and PyTorch's) speed a lot: recorded with results.
-ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-
+from mvit2_jax import allocator
 
 def load_average() -> float:
     """The 1-minute load average (runnable processes, all users)."""
@@ -33,12 +31,6 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def allocator_env() -> str:
-    """The allocator-related environment, e.g. 'LD_PRELOAD=...tcmalloc...' or 'default'."""
-    items = [f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if os.environ.get(k)]
-    return " ".join(items) if items else "default"
-
-
 def machine_info() -> Dict[str, Any]:
     """Facts about this machine and JAX backend, written beside every table."""
     import jax
@@ -51,7 +43,7 @@ def machine_info() -> Dict[str, Any]:
         "cpu": _cpu_model(),
         "python": platform.python_version(),
         "jax": jax.__version__,
-        "allocator_env": allocator_env(),
+        "allocator": allocator.describe(),
         "load_average_at_start": load_average(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -78,6 +70,9 @@ def time_call(
 ) -> Dict[str, Any]:
     """Median wall time of `fn()` (which must block until its result is ready).
 
+    Also returns `cpu_s`, the process CPU time (all threads) per call: on a loaded machine
+    it is a steadier measure of the work done than the wall time.
+
     Runs `warmup` untimed calls, then repeats until both `min_repeats` calls and
     `min_total_s` seconds are done (at most `max_repeats` calls).
     """
@@ -85,6 +80,7 @@ def time_call(
         fn()
     load_before = load_average()
     times: List[float] = []
+    cpu0 = time.process_time()
     while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_total_s):
         t0 = time.perf_counter()
         fn()
@@ -92,6 +88,7 @@ def time_call(
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
+        "cpu_s": (time.process_time() - cpu0) / len(times),
         "repeats": len(times),
         "load": max(load_before, load_average()),
     }
@@ -181,3 +178,10 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (PNG at 120 dpi) and close a matplotlib figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)

@@ -14,9 +14,13 @@ median step time after warm-up.
 
 With --timm-python (a Python that has torch and timm), timm's mobilevitv2_* runs on the same
 machine at the same batch size and resolution through timm_bench.py, in its best eager
-setting (channels_last; torch.inference_mode for inference; AdamW training step), and the
-table gives the ratio ours / timm. Writes model.{md,csv,json}, model_vs_timm.{md,csv,json}
-and model.png to --out. Every row records the load average while it ran.
+setting (channels_last; torch.inference_mode for inference; AdamW training step; OpenMP with
+OMP_DYNAMIC=FALSE so that it keeps every core under load), and the
+table gives the ratio ours / timm. Both run under the same host allocator, chosen by
+MVIT2_ALLOCATOR as for every program of this package (see mvit2_jax.allocator; it changes
+both by up to 2x on the CPU): MVIT2_ALLOCATOR=system compares them under the system's.
+Writes model.{md,csv,json}, model_vs_timm.{md,csv,json} and model.png to --out. Every row
+records the load average while it ran.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from mvit2_jax import allocator
 from mvit2_jax.benchmarks import common
 
 ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
@@ -82,7 +87,9 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
             lambda: jax.block_until_ready(forward(variables, images)),
             warmup=1, min_repeats=spec["repeats"], max_repeats=200, min_total_s=spec["min_time"],
         )
-        row.update(step_ms=1000 * t["median_s"], min_step_ms=1000 * t["min_s"], repeats=t["repeats"], load=t["load"])
+        row.update(
+            step_ms=1000 * t["median_s"], min_step_ms=1000 * t["min_s"], cpu_ms=1000 * t["cpu_s"], repeats=t["repeats"], load=t["load"]
+        )
     else:
         config = make_config(alpha, batch, size, dtype, spec.get("config"))
         m = train_step.measure(
@@ -90,6 +97,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
         )
         row.update(
             first_step_s=m["time_to_first_step_s"], init_s=m["init_s"], step_ms=m["step_time_ms"], min_step_ms=m["min_step_time_ms"],
+            cpu_ms=m["cpu_ms_per_step"],
             repeats=m["steps_timed"], load=m["load"],
         )
     row["images_per_s"] = batch / (row["step_ms"] / 1000)
@@ -98,33 +106,35 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     return row
 
 
-def run_isolated(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """run_ours in a fresh Python process (its own peak RSS and compile)."""
+def run_isolated(spec: Dict[str, Any], env: Dict[str, str]) -> Dict[str, Any]:
+    """run_ours in a fresh Python process (its own peak RSS and compile) with environment `env`."""
     cmd = [sys.executable, "-m", "mvit2_jax.benchmarks.model", "--worker", json.dumps(spec)]
-    return _run_json(cmd, spec)
+    return _run_json(cmd, spec, env)
 
 
-def run_timm(python: str, spec: Dict[str, Any]) -> Dict[str, Any]:
+def run_timm(python: str, spec: Dict[str, Any], env: Dict[str, str]) -> Dict[str, Any]:
     alpha = spec["alpha"]
     cmd = [
         python, TIMM_SCRIPT, "--model", TIMM_NAMES[alpha], "--mode", spec["mode"], "--batch", str(spec["batch"]),
         "--size", str(spec["size"]), "--repeats", str(spec["repeats"]), "--min-time", str(spec["min_time"]),
     ]
-    out = _run_json(cmd, spec, prefix="")
+    out = _run_json(cmd, spec, env, prefix="")
     if "error" in out:
         return out
     return {
         "alpha": alpha, "impl": f"timm {out['timm']} (torch {out['torch']}, {out['memory_format']}, {out['threads']} threads)",
         "mode": spec["mode"], "batch": spec["batch"], "size": spec["size"], "dtype": "float32",
-        "first_step_s": out["first_step_s"], "step_ms": out["step_ms"], "min_step_ms": out["min_step_ms"],
+        "first_step_s": out["first_step_s"], "step_ms": out["step_ms"], "min_step_ms": out["min_step_ms"], "cpu_ms": out["cpu_ms"],
         "repeats": out["repeats"], "load": out["load"], "images_per_s": out["images_per_s"],
         "peak_rss_MiB": out["peak_rss_MiB"],
     }
 
 
-def _run_json(cmd: List[str], spec: Dict[str, Any], prefix: str = RESULT_PREFIX) -> Dict[str, Any]:
-    env = dict(os.environ)
+def _run_json(cmd: List[str], spec: Dict[str, Any], env: Dict[str, str], prefix: str = RESULT_PREFIX) -> Dict[str, Any]:
+    env = dict(env)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # PyTorch's OpenMP otherwise drops to fewer threads when the load average is high.
+    env.setdefault("OMP_DYNAMIC", "FALSE")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(prefix) and line[len(prefix):].lstrip().startswith("{"):
@@ -142,6 +152,11 @@ def wait_for_load(max_load: Optional[float], max_wait_s: float) -> None:
         time.sleep(10)
 
 
+def _per_cpu_s(row: Dict[str, Any]) -> Optional[float]:
+    """Images per second of process CPU time (all threads): the work, whatever the load."""
+    return row["batch"] / (row["cpu_ms"] / 1000) if row.get("cpu_ms") else None
+
+
 def ratio_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     out = []
     for r in rows:
@@ -152,6 +167,8 @@ def ratio_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             out.append({
                 "alpha": r["alpha"], "mode": r["mode"], "ours_img_s": r["images_per_s"], "timm_img_s": t[0]["images_per_s"],
                 "ours_over_timm": r["images_per_s"] / t[0]["images_per_s"],
+                "ours_img_per_cpu_s": _per_cpu_s(r), "timm_img_per_cpu_s": _per_cpu_s(t[0]),
+                "ours_over_timm_per_cpu_s": (_per_cpu_s(r) / _per_cpu_s(t[0])) if _per_cpu_s(r) and _per_cpu_s(t[0]) else None,
                 "ours_first_step_s": r.get("first_step_s"), "timm_first_step_s": t[0].get("first_step_s"),
                 "ours_peak_rss_MiB": r.get("peak_rss_MiB"), "timm_peak_rss_MiB": t[0].get("peak_rss_MiB"),
                 "load": max(r.get("load") or 0, t[0].get("load") or 0),
@@ -181,9 +198,7 @@ def plot(rows: Sequence[Dict[str, Any]], path: str, title: str) -> None:
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
@@ -222,8 +237,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     elif not timm_python:
         notes.append("timm skipped: no --timm-python given")
 
+    try:  # both implementations run under the same allocator (see mvit2_jax.allocator)
+        child_env = {**os.environ, **allocator.fast_allocator_env(os.environ)}
+    except allocator.AllocatorError as e:
+        parser.error(str(e))
     info = common.machine_info()
     info.update(batch=args.batch, size=args.size, dtype=args.dtype)
+    if not args.in_process:
+        info["allocator"] = allocator.describe(child_env)
     print(f"model benchmark: {info}", flush=True)
     rows: List[Dict[str, Any]] = []
     for alpha in args.alphas:
@@ -233,12 +254,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                 min_time=args.min_time, config=args.config, real_init=not args.tiny,
             )
             wait_for_load(args.wait_for_load, args.max_wait)
-            row = run_ours(spec) if args.in_process else run_isolated(spec)
+            row = run_ours(spec) if args.in_process else run_isolated(spec, child_env)
             rows.append(row)
             print(f"  ours alpha={alpha} {mode}: {row.get('images_per_s', row.get('error'))} img/s (load {row.get('load')})", flush=True)
             if timm_python and alpha in TIMM_NAMES and (args.timm_alphas is None or alpha in args.timm_alphas):
                 wait_for_load(args.wait_for_load, args.max_wait)
-                row = run_timm(timm_python, spec)
+                row = run_timm(timm_python, spec, child_env)
                 rows.append(row)
                 print(f"  timm alpha={alpha} {mode}: {row.get('images_per_s', row.get('error'))} img/s (load {row.get('load')})", flush=True)
     for r in rows:
@@ -252,13 +273,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         "first_step_s: compile + first call; infer uses random weights (no init), train includes the "
         "real init (init_s: its compile and run)" + (" except in --tiny (random weights)" if args.tiny else "")
     )
+    notes.append(
+        "cpu_ms: mean process CPU time (all threads) per timed step; a steadier measure of the work than wall time "
+        "when other processes load the machine (cpu_ms close to step_ms: one core's worth was used)"
+    )
     notes.append("train: our step also does Mixup/CutMix, label smoothing, gradient clipping and an EMA of the weights; timm's is a plain AdamW step")
-    columns = ["alpha", "impl", "mode", "batch", "size", "dtype", "images_per_s", "step_ms", "min_step_ms", "repeats",
+    columns = ["alpha", "impl", "mode", "batch", "size", "dtype", "images_per_s", "step_ms", "min_step_ms", "cpu_ms", "repeats",
                "first_step_s", "init_s", "peak_rss_MiB", "device_peak_MiB", "load", "error"]
     common.write_table(rows, columns, args.out, "model", f"Model throughput at {args.size}x{args.size}, batch {args.batch}", notes, info)
     ratios = ratio_rows(rows)
     if ratios:
-        columns = ["alpha", "mode", "ours_img_s", "timm_img_s", "ours_over_timm", "ours_first_step_s", "timm_first_step_s",
+        columns = ["alpha", "mode", "ours_img_s", "timm_img_s", "ours_over_timm", "ours_img_per_cpu_s", "timm_img_per_cpu_s",
+                   "ours_over_timm_per_cpu_s", "ours_first_step_s", "timm_first_step_s",
                    "ours_peak_rss_MiB", "timm_peak_rss_MiB", "load"]
         common.write_table(ratios, columns, args.out, "model_vs_timm", "mvit2_jax / timm images per second", (), info)
     title = f"MobileViTv2 {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {info['backend']} ({info['cpu_cores']} cores)"

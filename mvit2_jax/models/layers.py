@@ -46,13 +46,11 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-def _depthwise_unrolled_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    """Depthwise conv as a sum of k*k shifted multiply-adds (NHWC, kernel [k, k, 1, C])."""
+def _depthwise_unrolled_forward(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise conv of the padded input as a sum of k*k shifted multiply-adds (NHWC, kernel [k, k, 1, C])."""
     k = kernel.shape[0]
-    h, w = x.shape[1], x.shape[2]
-    out_h = (h + 2 * pad - k) // stride + 1
-    out_w = (w + 2 * pad - k) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out_h = (xp.shape[1] - k) // stride + 1
+    out_w = (xp.shape[2] - k) // stride + 1
     out = None
     for i in range(k):
         for j in range(k):
@@ -69,7 +67,7 @@ def _depthwise_unrolled_forward(x: jax.Array, kernel: jax.Array, stride: int, pa
 
 # Elements of one block of rows (per channel set) in the depthwise kernel gradient: small
 # enough that the k*k shifted copies of a block stay in cache.
-_DK_BLOCK_ELEMENTS = 32768
+_DK_BLOCK_ELEMENTS = 262144
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -78,19 +76,26 @@ def _depthwise_unrolled(x: jax.Array, kernel: jax.Array, stride: int, pad: int) 
 
     Differentiating the multiply-adds directly would keep all k*k shifted copies of the
     input for the kernel gradient and materialize k*k padded copies of the output gradient;
-    this backward keeps only the input and computes both gradients with fused passes.
+    this backward keeps only the padded input and computes both gradients with fused passes.
+    (Keeping the padded rather than the unpadded input lets XLA write it once, fused into
+    the producer of x, instead of writing x and a padded copy.)
     """
-    return _depthwise_unrolled_forward(x, kernel, stride, pad)
+    return _depthwise_unrolled_forward(_pad_hw(x, pad), kernel, stride)
+
+
+def _pad_hw(x: jax.Array, pad: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
 def _depthwise_unrolled_fwd(x, kernel, stride, pad):
-    return _depthwise_unrolled_forward(x, kernel, stride, pad), (x, kernel)
+    xp = _pad_hw(x, pad)
+    return _depthwise_unrolled_forward(xp, kernel, stride), (xp, kernel)
 
 
 def _depthwise_unrolled_bwd(stride, pad, residuals, g):
-    x, kernel = residuals
+    xp, kernel = residuals
     k = kernel.shape[0]
-    b, h, w, c = x.shape
+    b, h, w, c = xp.shape[0], xp.shape[1] - 2 * pad, xp.shape[2] - 2 * pad, xp.shape[3]
     out_h, out_w = g.shape[1], g.shape[2]
     zero = jnp.zeros((), g.dtype)
     # Input gradient: the transposed convolution, i.e. the output gradient dilated by the
@@ -108,7 +113,6 @@ def _depthwise_unrolled_bwd(stride, pad, residuals, g):
     # Kernel gradient: per tap, the sum over batch and space of shifted input * gradient,
     # accumulated over blocks of rows of one image at a time so that the shifted copies
     # stay in cache (taken over the whole batch they would be materialized in memory).
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     rows = max(1, min(out_h, _DK_BLOCK_ELEMENTS // (out_w * c)))
     while out_h % rows:
         rows -= 1
@@ -128,7 +132,7 @@ def _depthwise_unrolled_bwd(stride, pad, residuals, g):
 
     dk = jax.lax.fori_loop(0, b * blocks, accumulate, jnp.zeros((k * k, c), jnp.float32))
     dk = dk.reshape(kernel.shape).astype(kernel.dtype)
-    return dx.astype(x.dtype), dk
+    return dx.astype(xp.dtype), dk
 
 
 _depthwise_unrolled.defvjp(_depthwise_unrolled_fwd, _depthwise_unrolled_bwd)
@@ -228,6 +232,94 @@ def torch_dense(features: int, in_features: int, dtype: Dtype, name: Optional[st
     )
 
 
+def _bn_act_forward(x, scale, bias, eps, act):
+    """Batch statistics (float32) and act(batch_norm(x)); statistics over all but the last axis."""
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axes)
+    # E[x^2] - E[x]^2, clipped at 0: the formula of Flax's BatchNorm (use_fast_variance).
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axes) - jnp.square(mean))
+    rstd = jax.lax.rsqrt(var + eps)
+    a = scale * rstd
+    b = bias - mean * a
+    z = xf * a + b
+    y = nn.silu(z) if act else z
+    return y.astype(x.dtype), mean, var, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_act_train(x, scale, bias, eps, act):
+    """Training-mode batch norm, optionally followed by SiLU: (y, batch mean, batch variance).
+
+    The same function as Flax's BatchNorm (+ nn.silu) with batch statistics, with a
+    hand-written backward pass that keeps only the input and the statistics and recomputes
+    the normalized values: the automatic one materializes several full-size intermediates,
+    which makes the memory-bound normalization a large part of a CPU training step.
+    """
+    y, mean, var, _ = _bn_act_forward(x, scale, bias, eps, act)
+    return y, mean, var
+
+
+def _bn_act_fwd(x, scale, bias, eps, act):
+    y, mean, var, rstd = _bn_act_forward(x, scale, bias, eps, act)
+    return (y, mean, var), (x, scale, bias, mean, rstd)
+
+
+def _bn_act_bwd(eps, act, residuals, cotangents):
+    x, scale, bias, mean, rstd = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dz = dy.astype(jnp.float32)
+    if act:  # d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
+        z = xhat * scale + bias
+        s = jax.nn.sigmoid(z)
+        dz = dz * (s * (1.0 + z * (1.0 - s)))
+    dbias = jnp.sum(dz, axes)
+    dscale = jnp.sum(dz * xhat, axes)
+    # d/dx of the normalization with batch statistics, plus the paths through the returned
+    # statistics (d mean / dx = 1/n, d var / dx = 2 (x - mean) / n).
+    dx = (scale * rstd) * (dz - (dbias + xhat * dscale) / n) + (dmean + 2.0 * dvar * xhat / rstd) / n
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+batch_norm_act_train.defvjp(_bn_act_fwd, _bn_act_bwd)
+
+
+class BatchNormAct(nn.Module):
+    """BatchNorm over all but the last axis (+ optional SiLU), with Flax BatchNorm's variables.
+
+    Variables, initial values, the running-average update (momentum 0.9 on the biased batch
+    variance) and eval mode are those of `nn.BatchNorm(momentum=0.9, epsilon=1e-5)`, so
+    checkpoints and converted weights load either way; training mode runs
+    `batch_norm_act_train`.
+    """
+
+    act: bool = True
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+        x = x.astype(self.dtype)
+        if not train:  # Flax's formula, in float32, cast to dtype
+            z = ((x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias).astype(self.dtype)
+            return nn.silu(z) if self.act else z
+        y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.act)
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+            ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
+        return y
+
+
 class ConvBN(nn.Module):
     """Conv (no bias) + BatchNorm (eps 1e-5, PyTorch momentum 0.1) + optional SiLU."""
 
@@ -250,6 +342,8 @@ class ConvBN(nn.Module):
             impl=self.conv_impl,
             name="conv",
         )(x)
+        if resolve_conv_impl(self.conv_impl) == "unrolled":
+            return BatchNormAct(self.act, dtype=self.dtype, name="bn")(x, train)
         x = nn.BatchNorm(
             use_running_average=not train,
             momentum=0.9,

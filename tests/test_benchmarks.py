@@ -1,0 +1,66 @@
+"""The benchmarks run end to end in --tiny mode and write their table and plot.
+
+No timing assertions: speed depends on the machine and its load. timm is not needed
+(the model benchmark skips it, and says so, without --timm-python).
+"""
+
+import csv
+import os
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from mvit2_jax.benchmarks import attention, data, model  # noqa: E402
+
+
+def _check_outputs(out, name, min_rows):
+    for ext in ("md", "csv", "json", "png"):
+        path = os.path.join(out, f"{name}.{ext}")
+        assert os.path.getsize(path) > 0, path
+    with open(os.path.join(out, f"{name}.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, f"{name}.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= min_rows
+    return rows
+
+
+def test_attention_tiny(tmp_path):
+    out = str(tmp_path)
+    attention.main(["--tiny", "--out", out])
+    rows = _check_outputs(out, "attention", 12)  # 3 units x 2 token counts x (fwd, fwd+bwd)
+    assert {r["unit"] for r in rows} == {"separable", "mha", "linformer"}
+    assert all(float(r["ms"]) > 0 for r in rows)
+
+
+def test_attention_records_skips(tmp_path):
+    out = str(tmp_path)
+    attention.main(["--tiny", "--out", out, "--units", "mha", "--memory-budget-gb", "1e-9"])
+    rows = _check_outputs(out, "attention", 4)
+    assert all(r["skipped"].startswith("needs") and not r["ms"] for r in rows)
+
+
+def test_model_tiny_without_timm(tmp_path):
+    out = str(tmp_path)
+    model.main(["--tiny", "--out", out, "--timm-python", str(tmp_path / "no-such-python")])
+    rows = _check_outputs(out, "model", 2)
+    assert {(r["alpha"], r["mode"]) for r in rows} == {("0.5", "infer"), ("0.5", "train")}
+    assert all(float(r["images_per_s"]) > 0 and not r["error"] for r in rows)
+    with open(os.path.join(out, "model.md")) as f:
+        assert "timm skipped" in f.read()
+
+
+def test_data_tiny(tmp_path):
+    out = str(tmp_path)
+    data.main(["--tiny", "--out", out, "--threads", "1"])
+    rows = _check_outputs(out, "data", 3)
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
+
+
+def test_synthetic_jpegs_decode():
+    from PIL import Image
+    import io
+
+    images = data.synthetic_jpegs(2, 50, 40)
+    assert all(Image.open(io.BytesIO(b)).size == (50, 40) for b in images)
