@@ -221,7 +221,7 @@ def test_frozen_backbone_and_backbone_lr_scale():
 def test_finetuning_a_converted_checkpoint_learns_the_digits(converted, tmp_path):
     config = small_config()
     config.init_from = converted
-    config.num_epochs = 2
+    config.num_epochs = 3
     config.checkpoint_every_steps = 1000
     metrics = train.train_and_evaluate(config, str(tmp_path / "ft"))
     assert metrics["top1"] > 0.3  # chance is 0.1
