@@ -64,3 +64,15 @@ def test_synthetic_jpegs_decode():
 
     images = data.synthetic_jpegs(2, 50, 40)
     assert all(Image.open(io.BytesIO(b)).size == (50, 40) for b in images)
+
+
+def test_ratio_rows_pair_each_width_and_mode_with_timm():
+    rows = [
+        {"alpha": 1.0, "impl": "mvit2_jax", "mode": "infer", "images_per_s": 30.0, "load": 1.0},
+        {"alpha": 1.0, "impl": "timm 1.0", "mode": "infer", "images_per_s": 20.0, "load": 1.5},
+        {"alpha": 1.0, "impl": "mvit2_jax", "mode": "train", "images_per_s": 8.0},
+        {"alpha": 0.5, "impl": "mvit2_jax", "mode": "infer", "images_per_s": 90.0},  # no timm row
+        {"alpha": 1.0, "impl": "timm 1.0", "mode": "train", "error": "exit 1"},  # timm failed
+    ]
+    (ratio,) = model.ratio_rows(rows)
+    assert (ratio["alpha"], ratio["mode"], ratio["ours_over_timm"], ratio["load"]) == (1.0, "infer", 1.5, 1.5)

@@ -15,7 +15,6 @@ attention at large k: its k x k score matrices).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mvit2_jax import allocator
 
+
 def load_average() -> float:
     """The 1-minute load average (runnable processes, all users)."""
     return round(os.getloadavg()[0], 2)
