@@ -12,8 +12,12 @@ weights. DST is a new (or empty) directory; load it with ``mvit2_jax.load_model(
 would run code is refused.
 
 Conversion goes in two steps: cvnets names are renamed to timm names (`CVNETS_TO_TIMM`), then
-every timm name maps onto one Flax variable (`timm_key_to_path`), whose module names mirror
-timm's: ``stages.2.1.transformer.0.mlp.fc1.weight`` -> params/stages_2_1/transformer_0/fc1/kernel.
+every timm name maps onto one Flax variable through one two-way table (`TIMM_FLAX_MODULES`,
+`TIMM_FLAX_LEAVES`), whose module names mirror timm's:
+``stages.2.1.transformer.0.mlp.fc1.weight`` <-> params/stages_2_1/transformer_0/fc1/kernel.
+
+Errors in the input (a file that is missing, unreadable, refused or does not match the
+architecture) are DataErrors; the command prints them and exits with status 2.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
+from flax import traverse_util
 
-from mvit2_jax.models.mobilevitv2 import MobileViTv2, Widths, widths_for
+from mvit2_jax.checkpoint import abstract_variables, save_model
+from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
+from mvit2_jax.models.mobilevitv2 import VARIANTS, MobileViTv2, Widths, widths_for
 
 StateDict = Dict[str, np.ndarray]
 Path = Tuple[str, ...]  # (collection, module, ..., leaf), e.g. ("params", "stem", "conv", "kernel")
 
-STANDARD_ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+STANDARD_ALPHAS = tuple(VARIANTS)
 INSTALL_HINT = 'pip install "mvit2_jax[convert]"'
 
 # cvnets name -> timm name, applied in order to every key (reference section 5; cvnets
@@ -65,10 +71,9 @@ _CVNETS_RULES = tuple((re.compile(p), r) for p, r in CVNETS_TO_TIMM)
 
 _CVNETS_ROOTS = ("conv_1.", "layer_", "classifier.")
 _TIMM_ROOTS = ("stem.", "stages.", "head.")
-_DROPPED_LEAVES = ("num_batches_tracked",)
 
 
-class ConversionError(ValueError):
+class ConversionError(DataError):
     """The checkpoint does not match the MobileViTv2 architecture."""
 
 
@@ -105,12 +110,12 @@ def _load_torch(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise DataError(
             f"refusing to load {path}: it is not a plain weights file (loading it would run code "
             f"from the pickle). Only tensors and plain containers are accepted. Details: {e}"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
+        raise DataError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
 
 
 def load_state_dict(path: str) -> StateDict:
@@ -121,9 +126,9 @@ def load_state_dict(path: str) -> StateDict:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise DataError(f"checkpoint not found: {path}")
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint must be a file, got a directory: {path}")
+        raise DataError(f"checkpoint must be a file, got a directory: {path}")
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -131,7 +136,7 @@ def load_state_dict(path: str) -> StateDict:
         try:
             raw: Any = load_file(path)
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"could not read {path} as safetensors: {e}") from e
+            raise DataError(f"could not read {path} as safetensors: {e}") from e
     else:
         raw = _load_torch(path)
     state = _unwrap(raw, path)
@@ -180,12 +185,36 @@ def to_timm_names(state_dict: Mapping[str, np.ndarray]) -> Tuple[StateDict, Dict
     return renamed, origin
 
 
-_MODULE_RENAMES = (
-    (re.compile(r"^stages\.(\d+)\.(\d+)(?=\.|$)"), r"stages_\1_\2"),
-    (re.compile(r"\.transformer\.(\d+)(?=\.|$)"), r".transformer_\1"),
-    (re.compile(r"\.mlp\.(fc1|fc2)$"), r".\1"),
-    (re.compile(r"^head\.fc$"), "head"),
+# Flax module path <-> timm module name, one table for both directions. Each pair names the
+# same module: "{n}" stands for a number, and a name matches whole dot-separated components.
+TIMM_FLAX_MODULES = (
+    ("stages.{n}.{n}", "stages_{n}_{n}"),
+    ("transformer.{n}", "transformer_{n}"),
+    ("mlp.fc1", "fc1"),
+    ("mlp.fc2", "fc2"),
+    ("head.fc", "head"),
 )
+# timm leaf name <-> (Flax collection, leaf); timm's "weight" is a kernel (rank >= 2) or a scale.
+TIMM_FLAX_LEAVES = (
+    ("weight", ("params", "kernel")),
+    ("weight", ("params", "scale")),
+    ("bias", ("params", "bias")),
+    ("running_mean", ("batch_stats", "mean")),
+    ("running_var", ("batch_stats", "var")),
+)
+_DROPPED_LEAVES = ("num_batches_tracked",)
+
+
+def _rule(source: str, target: str) -> Tuple[re.Pattern, str]:
+    """A regex rewriting module name `source` into `target` (templates of TIMM_FLAX_MODULES)."""
+    pattern = re.escape(source).replace(re.escape("{n}"), r"(\d+)")
+    count = iter(range(1, source.count("{n}") + 1))
+    replacement = re.sub(r"\{n\}", lambda _: f"\\{next(count)}", target.replace("\\", "\\\\"))
+    return re.compile(rf"(?<![^.]){pattern}(?![^.])"), replacement
+
+
+_TIMM_TO_FLAX = tuple(_rule(timm, flax) for timm, flax in TIMM_FLAX_MODULES)
+_FLAX_TO_TIMM = tuple(_rule(flax, timm) for timm, flax in TIMM_FLAX_MODULES)
 
 
 def timm_key_to_path(key: str, ndim: int) -> Optional[Path]:
@@ -193,18 +222,24 @@ def timm_key_to_path(key: str, ndim: int) -> Optional[Path]:
     module, _, leaf = key.rpartition(".")
     if leaf in _DROPPED_LEAVES:
         return None
-    for pattern, repl in _MODULE_RENAMES:
+    for pattern, repl in _TIMM_TO_FLAX:
         module = pattern.sub(repl, module)
     parts = tuple(module.split(".")) if module else ()
-    if leaf == "weight":
-        return ("params", *parts, "kernel" if ndim >= 2 else "scale")
-    if leaf == "bias":
-        return ("params", *parts, "bias")
-    if leaf == "running_mean":
-        return ("batch_stats", *parts, "mean")
-    if leaf == "running_var":
-        return ("batch_stats", *parts, "var")
-    return ("unknown", *parts, leaf)  # never a model variable: reported as unexpected
+    matches = [flax for timm, flax in TIMM_FLAX_LEAVES if timm == leaf]
+    if not matches:
+        return ("unknown", *parts, leaf)  # never a model variable: reported as unexpected
+    collection, name = matches[0] if len(matches) == 1 or ndim >= 2 else matches[1]
+    return (collection, *parts, name)
+
+
+def path_to_timm_key(path: Path) -> str:
+    """The timm key of Flax variable `path` (the inverse of `timm_key_to_path`)."""
+    collection, *modules, leaf = path
+    name = ".".join(modules)
+    for pattern, repl in _FLAX_TO_TIMM:
+        name = pattern.sub(repl, name)
+    timm_leaf = next(timm for timm, flax in TIMM_FLAX_LEAVES if flax == (collection, leaf))
+    return f"{name}.{timm_leaf}"
 
 
 def torch_to_flax(value: np.ndarray, target_shape: Tuple[int, ...]) -> np.ndarray:
@@ -277,42 +312,10 @@ def detect_num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
 # --------------------------------------------------------------------------- conversion
 
 
-def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Dict[Path, Any]:
-    flat: Dict[Path, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, prefix + (k,)))
-        else:
-            flat[prefix + (k,)] = v
-    return flat
-
-
-def _unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
-    tree: Dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _torch_ndim(path: Path, ndim: int) -> int:
     """Rank of the PyTorch weight behind Flax variable `path`: Dense kernels of the
     transformer were 1x1 convs, the head's is a Linear."""
     return 4 if ndim == 2 and path[1] != "head" else ndim
-
-
-def _path_to_timm_key(path: Path) -> str:
-    """Inverse of `timm_key_to_path`, for error messages."""
-    _, *modules, leaf = path
-    name = ".".join(modules)
-    name = re.sub(r"^stages_(\d+)_(\d+)", r"stages.\1.\2", name)
-    name = re.sub(r"\.transformer_(\d+)", r".transformer.\1", name)
-    name = re.sub(r"\.(fc1|fc2)$", r".mlp.\1", name)
-    name = re.sub(r"^head$", "head.fc", name)
-    leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
-    return f"{name}.{leaf}"
 
 
 def convert_state_dict(state_dict: Mapping[str, Any]) -> Tuple[MobileViTv2, Dict[str, Any]]:
@@ -320,13 +323,11 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> Tuple[MobileViTv2, Dict
 
     Raises ConversionError listing every missing key, unexpected key and wrong shape.
     """
-    from mvit2_jax.checkpoint import abstract_variables
-
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
     scheme = detect_scheme(list(arrays))
     timm_sd, origin = to_timm_names(arrays)
     model = MobileViTv2(alpha=detect_alpha(timm_sd), num_classes=detect_num_classes(timm_sd))
-    target = _flatten(abstract_variables(model))
+    target = traverse_util.flatten_dict(abstract_variables(model))
 
     def shown(timm_key: str) -> str:
         return timm_key if scheme == "timm" else f"{origin[timm_key]} (timm name {timm_key})"
@@ -354,7 +355,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> Tuple[MobileViTv2, Dict
             continue
         flat[path] = np.ascontiguousarray(converted, dtype=target[path].dtype)
     missing = [
-        f"{_path_to_timm_key(p)} {flax_to_torch_shape(tuple(s.shape), _torch_ndim(p, len(s.shape)))}"
+        f"{path_to_timm_key(p)} {flax_to_torch_shape(tuple(s.shape), _torch_ndim(p, len(s.shape)))}"
         for p, s in target.items()
         if p not in seen
     ]
@@ -372,7 +373,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> Tuple[MobileViTv2, Dict
                 lines.append(f"{len(items)} {title}:")
                 lines.extend(f"  {item}" for item in sorted(items))
         raise ConversionError("\n".join(lines))
-    variables = _unflatten(flat)
+    variables = traverse_util.unflatten_dict(flat)
     variables.setdefault("batch_stats", {})
     return model, variables
 
@@ -384,22 +385,20 @@ def default_image_size(src: str) -> int:
 
 def _check_destination(dst: str) -> None:
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise FileExistsError(f"destination {dst} exists and is not an empty directory: choose a new one")
+        raise ConfigError(f"destination {dst} exists and is not an empty directory: choose a new one")
 
 
 def convert(src: str, dst: str, image_size: Optional[Union[int, Sequence[int]]] = None) -> str:
     """Convert checkpoint file `src` into a model directory `dst` (new or empty); returns dst."""
-    from mvit2_jax.checkpoint import save_model
-
     src, dst = os.fspath(src), os.fspath(dst)
     _check_destination(dst)
     if image_size is None:
         image_size = default_image_size(src)
     size = [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
     if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"image_size must be N or (height, width) with positive values, got {image_size!r}")
+        raise ConfigError(f"image_size must be N or (height, width) with positive values, got {image_size!r}")
     model, variables = convert_state_dict(load_state_dict(src))
-    return save_model(dst, model, variables, extra_config={"source": os.path.abspath(src), "image_size": size})
+    return save_model(dst, model, variables, meta={"source": os.path.abspath(src), "image_size": size})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -416,11 +415,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="training/evaluation resolution to record (default: 384 if SRC's name contains 384, else 256)",
     )
     args = parser.parse_args(argv)
-    try:
-        dst = convert(args.src, args.dst, args.image_size)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
+    with usage_errors_exit(f"{parser.prog}: error"):
+        try:
+            dst = convert(args.src, args.dst, args.image_size)
+        except ImportError as e:  # torch, for a pickled checkpoint
+            raise ConfigError(str(e)) from None
     print(f"wrote {dst}")
     return 0
 

@@ -16,20 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvit2_jax.models import ATTENTION_TYPES, MobileViTv2
+from mvit2_jax.models import ATTENTION_TYPES, VARIANTS, MobileViTv2
 from mvit2_jax.models.layers import Conv
-
-# alpha: (trainable parameters of the 1000-class model, GMACs at 256x256, top-1 @256)
-PAPER = {
-    0.5: (1_370_593, 0.465, 70.18),
-    0.75: (2_866_009, 1.028, 75.56),
-    1.0: (4_901_841, 1.812, 78.09),
-    1.25: (7_478_089, 2.817, 79.65),
-    1.5: (10_594_753, 4.042, 80.38),
-    1.75: (14_251_833, 5.489, 80.84),
-    2.0: (18_449_329, 7.156, 81.17),
-}
-
 
 def count_params(params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
@@ -73,19 +61,19 @@ def stats_table(alphas: Sequence[float], image_size: int, attention: str, num_cl
     for alpha in alphas:
         s = model_stats(MobileViTv2(alpha=alpha, num_classes=num_classes, attention=attention), image_size)
         gmacs = s["macs"] / 1e9
-        ref = PAPER.get(alpha)
+        ref = VARIANTS.get(alpha)
         paper_ok = ref is not None and image_size == 256 and num_classes == 1000
-        p_params = f"{ref[0]:,}" if paper_ok else "-"
-        p_macs = f"{ref[1]:.3f}" if paper_ok else "-"
-        diff = f"{100 * (gmacs - ref[1]) / ref[1]:+.2f}%" if paper_ok else "-"
-        top1 = f"{ref[2]:.2f}" if ref else "-"
+        p_params = f"{ref.params:,}" if paper_ok else "-"
+        p_macs = f"{ref.gmacs:.3f}" if paper_ok else "-"
+        diff = f"{100 * (gmacs - ref.gmacs) / ref.gmacs:+.2f}%" if paper_ok else "-"
+        top1 = f"{ref.top1:.2f}" if ref else "-"
         lines.append(f"{alpha:>6} {s['params']:>12,} {p_params:>12} {gmacs:>8.3f} {p_macs:>7} {diff:>7} {top1:>14}")
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--alphas", default=",".join(str(a) for a in PAPER), help="comma-separated widths")
+    parser.add_argument("--alphas", default=",".join(str(a) for a in VARIANTS), help="comma-separated widths")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--attention", default="separable", choices=ATTENTION_TYPES)
     parser.add_argument("--num-classes", type=int, default=1000)

@@ -24,20 +24,10 @@ import numpy as np
 
 from mvit2_jax import allocator
 from mvit2_jax.benchmarks import common
-from mvit2_jax.models.attention import LinformerSelfAttention, MultiHeadSelfAttention, SeparableSelfAttention
+from mvit2_jax.models.attention import ATTENTION_TYPES, attention_factory
 
-UNITS = ("separable", "mha", "linformer")
+UNITS = ATTENTION_TYPES
 MODES = ("fwd", "fwd+bwd")
-
-
-def make_unit(kind: str, dim: int, heads: int, proj_len: int):
-    if kind == "separable":
-        return SeparableSelfAttention(dim)
-    if kind == "mha":
-        return MultiHeadSelfAttention(dim, heads)
-    if kind == "linformer":
-        return LinformerSelfAttention(dim, heads, proj_len)
-    raise ValueError(f"unit must be one of {UNITS}, got {kind!r}")
 
 
 def default_memory_budget_gb() -> float:
@@ -80,7 +70,7 @@ def measure_unit(
     timing: Dict[str, Any],
 ) -> List[Dict[str, Any]]:
     """Rows (one per mode) for one unit at token count k."""
-    unit = make_unit(kind, dim, heads, proj_len)
+    unit = attention_factory(kind, num_heads=heads, proj_len=proj_len)(dim)
     rng = np.random.default_rng(k)
     x = jnp.asarray(rng.standard_normal((batch, positions, k, dim), np.float32))
     cot = jnp.asarray(rng.standard_normal((batch, positions, k, dim), np.float32))

@@ -17,6 +17,23 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mvit2_jax import allocator
+from mvit2_jax.errors import ConfigError
+
+
+def load_config(path: str, **kwargs: Any):
+    """`get_config(**kwargs)` of the experiment config file at `path`, passing only the
+    arguments it takes (run from the repository root, so that the file's `from experiments
+    import base` resolves)."""
+    import importlib.util
+    import inspect
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"no experiment config file {path}: run from the repository root or pass --config=FILE")
+    spec = importlib.util.spec_from_file_location("benchmark_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    accepted = inspect.signature(module.get_config).parameters
+    return module.get_config(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def load_average() -> float:

@@ -6,9 +6,9 @@
 Generates ImageNet-sized JPEGs in memory (default 200 images of 500x375, smooth
 natural-image-like content, quality 90: about the size of an average ImageNet JPEG) and
 runs them through the real per-example functions of mvit2_jax.data.pipeline inside tf.data:
-`train_example` with the full recipe (random-resized crop + decode, bicubic resize, flip,
-RandAugment 2 ops magnitude 9, random erasing 0.25), `train_example` without RandAugment
-and erasing, and `eval_example` (resize 288, center crop 256). Each variant runs on one
+`train_image` with the full recipe (random-resized crop + decode, bicubic resize, flip,
+RandAugment 2 ops magnitude 9, random erasing 0.25), `train_image` without RandAugment
+and erasing, and `eval_image` (resize 288, center crop 256). Each variant runs on one
 thread (images/s per core) and on every core. Mixup/CutMix run on the accelerator inside
 the train step and are not part of this. Writes data.{md,csv,json} and data.png to --out;
 divide the training throughput of your accelerators by the per-core rate to size hosts.
@@ -62,14 +62,14 @@ def synthetic_jpegs(count: int, width: int, height: int, quality: int = 90, seed
 
 def variants(image_size: int, resize_size: int):
     """name -> per-example function (encoded bytes, seed) -> float32 image."""
-    from mvit2_jax.data.pipeline import TrainAugmentation, eval_example, train_example
+    from mvit2_jax.data.pipeline import TrainAugmentation, eval_image, train_image
 
     full = TrainAugmentation()
     light = TrainAugmentation(randaugment=False, erasing_prob=0.0)
     return {
-        "train, full recipe (crop, flip, RandAugment 2x9, erasing)": lambda b, s: train_example(b, s, image_size, full),
-        "train, crop + flip only": lambda b, s: train_example(b, s, image_size, light),
-        f"eval (resize {resize_size}, crop {image_size})": lambda b, s: eval_example(b, image_size, resize_size),
+        "train, full recipe (crop, flip, RandAugment 2x9, erasing)": lambda b, s: train_image(b, s, image_size, full),
+        "train, crop + flip only": lambda b, s: train_image(b, s, image_size, light),
+        f"eval (resize {resize_size}, crop {image_size})": lambda b, s: eval_image(b, image_size, resize_size),
     }
 
 

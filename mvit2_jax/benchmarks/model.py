@@ -26,8 +26,6 @@ records the load average while it ran.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -37,23 +35,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from mvit2_jax import allocator
 from mvit2_jax.benchmarks import common
+from mvit2_jax.models import VARIANTS
 
-ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-TIMM_NAMES = {a: f"mobilevitv2_{round(a * 100):03d}" for a in ALPHAS}
+ALPHAS = tuple(VARIANTS)
+TIMM_NAMES = {alpha: v.timm_name for alpha, v in VARIANTS.items()}
 RESULT_PREFIX = "BENCHMARK_RESULT "
 TIMM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "timm_bench.py")
 
 
-def make_config(alpha: float, batch: int, size: int, dtype: str, config_path: Optional[str]):
+def make_config(alpha: float, batch: int, size: int, dtype: str, config_path: str):
     """The experiment config for width `alpha` (the paper's recipe), resized for the benchmark."""
-    if config_path and os.path.exists(config_path):
-        spec = importlib.util.spec_from_file_location("benchmark_config", config_path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        from experiments import base as module  # the repository's recipe, run from its root
-    get_config = module.get_config
-    config = get_config(alpha=alpha) if "alpha" in inspect.signature(get_config).parameters else get_config()
+    config = common.load_config(config_path, alpha=alpha)
     config.model.alpha = alpha
     config.model.dtype = dtype
     config.data.image_size = size

@@ -10,7 +10,6 @@ benchmark). `mvit2_jax.benchmarks.model` runs this for every width beside timm.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -21,14 +20,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mvit2_jax import allocator, train
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from mvit2_jax import allocator, tasks, train
+from mvit2_jax.benchmarks.common import load_config
+from mvit2_jax.errors import usage_errors_exit
 
 
 def synthetic_batch(compiled: train.Steps, config, batch_size: int) -> Dict[str, Any]:
@@ -89,7 +83,7 @@ def measure(
     config.batch_size = batch_size
     size = config.data.image_size
     t0 = time.perf_counter()
-    compiled = train.compile_steps(config, num_steps=1000)
+    compiled = train.compile_steps(config, tasks.get(config.task), num_steps=1000)
     batch = synthetic_batch(compiled, config, batch_size)
     state = compiled.init() if real_init else synthetic_state(compiled)
     jax.block_until_ready(state)
@@ -139,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    with usage_errors_exit():
+        config = load_config(args.config)
     if args.image_size:
         config.data.image_size = args.image_size
     if args.dtype:

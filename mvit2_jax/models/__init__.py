@@ -1,31 +1,47 @@
-"""MobileViTv2 model family."""
+"""The MobileViTv2 model family: backbone, classifier, blocks, attention units, variant table."""
 
 from mvit2_jax.models.attention import (
+    ATTENTION,
     ATTENTION_TYPES,
     LinformerSelfAttention,
     MultiHeadSelfAttention,
     SeparableSelfAttention,
+    attention_factory,
 )
+from mvit2_jax.models.layers import KERNELS
 from mvit2_jax.models.mobilevitv2 import (
+    FEATURES,
+    OUTPUT_STRIDES,
+    VARIANTS,
     InvertedResidual,
     MobileViTv2,
+    MobileViTv2Backbone,
     MobileViTv2Block,
     TransformerLayer,
+    Variant,
     Widths,
     make_divisible,
     widths_for,
 )
 
 __all__ = [
+    "ATTENTION",
     "ATTENTION_TYPES",
+    "FEATURES",
     "InvertedResidual",
+    "KERNELS",
     "LinformerSelfAttention",
     "MobileViTv2",
+    "MobileViTv2Backbone",
     "MobileViTv2Block",
     "MultiHeadSelfAttention",
+    "OUTPUT_STRIDES",
     "SeparableSelfAttention",
     "TransformerLayer",
+    "VARIANTS",
+    "Variant",
     "Widths",
+    "attention_factory",
     "make_divisible",
     "widths_for",
 ]

@@ -7,21 +7,27 @@ separately for each of the P pixel positions inside a patch:
 - "mha": standard multi-head scaled dot-product self-attention, O(N^2).
 - "linformer": keys and values projected along the token axis from N to a fixed length,
   O(N) with batched matrix products.
+
+`ATTENTION` is the one registry of these units: the model, the configs' checks and the
+benchmarks take their names and options from it. `attention_factory` turns a name and the
+model's options into a module factory `make(dim, name=...)` that the blocks call.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvit2_jax.models.layers import torch_default_kernel_init, torch_dense
+from mvit2_jax.errors import ConfigError
+from mvit2_jax.models.layers import dense, torch_default_kernel_init
 
 Dtype = Any
-
-ATTENTION_TYPES = ("separable", "mha", "linformer")
+AttentionFactory = Callable[..., nn.Module]  # make(dim, name=...) -> a unit mapping [B, P, N, d] to itself
 
 
 class SeparableSelfAttention(nn.Module):
@@ -30,11 +36,12 @@ class SeparableSelfAttention(nn.Module):
     dim: int
     attn_dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         d = self.dim
-        qkv = torch_dense(1 + 2 * d, x.shape[-1], self.dtype, name="qkv_proj")(x)
+        qkv = self._dense(1 + 2 * d, x.shape[-1], "qkv_proj")(x)
         query, key, value = qkv[..., 0], qkv[..., 1 : d + 1], qkv[..., d + 1 :]
         # Context scores over the N tokens, laid out [..., N] (N the minor axis): XLA:CPU
         # reduces a [..., N, 1] layout far slower, and fused it into the output projection
@@ -43,7 +50,10 @@ class SeparableSelfAttention(nn.Module):
         scores = nn.Dropout(self.attn_dropout)(scores, deterministic=not train)
         context = jnp.einsum("...n,...nd->...d", scores, key.astype(jnp.float32))[..., None, :]
         out = nn.relu(value) * context.astype(self.dtype)
-        return torch_dense(d, d, self.dtype, name="out_proj")(out)
+        return self._dense(d, d, "out_proj")(out)
+
+    def _dense(self, features: int, in_features: int, name: str) -> nn.Dense:
+        return dense(features, in_features=in_features, dtype=self.dtype, kernels=self.kernels, name=name)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -53,11 +63,12 @@ class MultiHeadSelfAttention(nn.Module):
     num_heads: int = 4
     attn_dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"  # the library unit: the same on every path
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.dim % self.num_heads:
-            raise ValueError(f"attention dim {self.dim} is not divisible by num_heads={self.num_heads}")
+            raise ConfigError(f"attention dim {self.dim} is not divisible by num_heads={self.num_heads}")
         return nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             qkv_features=self.dim,
@@ -83,19 +94,20 @@ class LinformerSelfAttention(nn.Module):
     proj_len: int = 64
     attn_dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         d, h = self.dim, self.num_heads
         if d % h:
-            raise ValueError(f"attention dim {d} is not divisible by num_heads={h}")
+            raise ConfigError(f"attention dim {d} is not divisible by num_heads={h}")
         n = x.shape[-2]
         proj_init = nn.initializers.normal(stddev=self.proj_len**-0.5)
         e = self.param("proj_k", proj_init, (n, self.proj_len), jnp.float32).astype(self.dtype)
         f = self.param("proj_v", proj_init, (n, self.proj_len), jnp.float32).astype(self.dtype)
-        q = torch_dense(d, d, self.dtype, name="query")(x)
-        k = jnp.einsum("...nd,nk->...kd", torch_dense(d, d, self.dtype, name="key")(x), e)
-        v = jnp.einsum("...nd,nk->...kd", torch_dense(d, d, self.dtype, name="value")(x), f)
+        q = self._dense(d, "query")(x)
+        k = jnp.einsum("...nd,nk->...kd", self._dense(d, "key")(x), e)
+        v = jnp.einsum("...nd,nk->...kd", self._dense(d, "value")(x), f)
 
         def heads(t: jax.Array) -> jax.Array:
             return t.reshape(*t.shape[:-1], h, d // h)
@@ -114,24 +126,49 @@ class LinformerSelfAttention(nn.Module):
             force_fp32_for_softmax=True,
         )
         out = out.reshape(*out.shape[:-2], d)
-        return torch_dense(d, d, self.dtype, name="out_proj")(out)
+        return self._dense(d, "out_proj")(out)
+
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return dense(features, in_features=self.dim, dtype=self.dtype, kernels=self.kernels, name=name)
 
 
-def make_attention(
+@dataclasses.dataclass(frozen=True)
+class AttentionType:
+    """One entry of the registry: the unit and which of the model's options it takes."""
+
+    unit: type
+    options: Tuple[str, ...]  # model options passed on, besides attn_dropout, dtype and kernels
+    description: str
+
+
+ATTENTION: Dict[str, AttentionType] = {
+    "separable": AttentionType(SeparableSelfAttention, (), "the paper's separable self-attention, O(k)"),
+    "mha": AttentionType(MultiHeadSelfAttention, ("num_heads",), "multi-head scaled dot-product attention, O(k^2)"),
+    "linformer": AttentionType(
+        LinformerSelfAttention, ("num_heads", "proj_len"), "Linformer: keys and values projected to proj_len tokens"
+    ),
+}
+ATTENTION_TYPES = tuple(ATTENTION)
+
+
+def check_attention(kind: str) -> AttentionType:
+    """The registry entry of `kind`; a ConfigError naming the choices otherwise."""
+    if kind not in ATTENTION:
+        raise ConfigError(f"attention must be one of {ATTENTION_TYPES}, got {kind!r}")
+    return ATTENTION[kind]
+
+
+def attention_factory(
     kind: str,
-    dim: int,
     *,
-    num_heads: int,
-    linformer_proj_len: int,
-    attn_dropout: float,
-    dtype: Dtype,
-    name: str,
-) -> nn.Module:
-    """The attention unit called `kind`, with the options that apply to it."""
-    if kind == "separable":
-        return SeparableSelfAttention(dim, attn_dropout, dtype, name=name)
-    if kind == "mha":
-        return MultiHeadSelfAttention(dim, num_heads, attn_dropout, dtype, name=name)
-    if kind == "linformer":
-        return LinformerSelfAttention(dim, num_heads, linformer_proj_len, attn_dropout, dtype, name=name)
-    raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {kind!r}")
+    num_heads: int = 4,
+    proj_len: int = 64,
+    attn_dropout: float = 0.0,
+    dtype: Dtype = jnp.float32,
+    kernels: str = "auto",
+) -> AttentionFactory:
+    """`make(dim, name=...)` building the `kind` unit with the options that apply to it."""
+    entry = check_attention(kind)
+    given = {"num_heads": num_heads, "proj_len": proj_len}
+    options = {name: given[name] for name in entry.options}
+    return functools.partial(entry.unit, attn_dropout=attn_dropout, dtype=dtype, kernels=kernels, **options)

@@ -1,26 +1,34 @@
 """MobileViTv2 (Mehta & Rastegari, TMLR 2023) for any width multiplier alpha, NHWC.
 
+`VARIANTS` is the one table of the paper's widths: channel widths, exact parameter counts,
+GMACs, ImageNet top-1 and the training recipe. `MobileViTv2Backbone` returns the feature
+maps of every stage, at output stride 32, 16 or 8 (dilation as in the official code);
+`MobileViTv2` is the classifier on top of it.
+
 Module and parameter names follow timm's state-dict names (stem, stages_i_j, conv1_1x1,
-transformer_t, head) so that official checkpoints map onto them one to one.
+transformer_t, head) so that official checkpoints map onto them one to one; the classifier
+shares its backbone's scope, so its variables sit at the top level (params/stem/...).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvit2_jax.models.attention import ATTENTION_TYPES, make_attention
+from mvit2_jax.errors import ConfigError
+from mvit2_jax.models.attention import AttentionFactory, attention_factory, check_attention
 from mvit2_jax.models.layers import (
     Conv,
     ConvBN,
+    dense,
     group_norm1,
     resize_bilinear_align_corners,
-    torch_dense,
+    resolve_kernels,
 )
 
 Dtype = Any
@@ -30,6 +38,9 @@ MV2_EXPANSION = 2
 FFN_MULTIPLIER = 2
 TRANSFORMER_DEPTHS = (2, 4, 3)  # layer3, layer4, layer5
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OUTPUT_STRIDES = (32, 16, 8)
+FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4", "layer5")
+FEATURE_STRIDES = {"stem": 2, "layer1": 2, "layer2": 4, "layer3": 8, "layer4": 16, "layer5": 32}
 
 
 def make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:
@@ -66,9 +77,9 @@ class Widths:
 
 
 def widths_for(alpha: float) -> Widths:
-    """The reference width table (section 2) for width multiplier `alpha`."""
+    """The official width rules (cvnets mobilevit_v2 config) for width multiplier `alpha`."""
     if not alpha > 0:
-        raise ValueError(f"alpha must be a positive width multiplier, got {alpha}")
+        raise ConfigError(f"alpha must be a positive width multiplier such as 1.0, got {alpha}")
     stem = make_divisible(min(max(32 * alpha, 16), 64), 8, min_value=16)
     return Widths(
         stem=stem,
@@ -83,22 +94,84 @@ def widths_for(alpha: float) -> Widths:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The paper's ImageNet-1k recipe of one width (cvnets config): AdamW, cosine from lr to min_lr."""
+
+    lr: float
+    min_lr: float
+    weight_decay: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One width of the paper: widths, exact trainable parameters (1000 classes), GMACs at
+    256x256, ImageNet-1k top-1 at 256x256, the recipe, and timm's model name."""
+
+    alpha: float
+    widths: Widths
+    params: int
+    gmacs: float
+    top1: float
+    recipe: Recipe
+    timm_name: str
+
+
+def _variant(alpha, widths, params, gmacs, top1, lr, min_lr, wd) -> Variant:
+    return Variant(alpha, Widths(*widths), params, gmacs, top1, Recipe(lr, min_lr, wd), f"mobilevitv2_{round(alpha * 100):03d}")
+
+
+VARIANTS: Dict[float, Variant] = {
+    v.alpha: v
+    for v in (
+        # alpha, (stem, l1..l5, attn3..attn5), params, GMACs, top-1, lr, min lr, weight decay
+        _variant(0.5, (16, 32, 64, 128, 192, 256, 64, 96, 128), 1_370_593, 0.465, 70.18, 0.0090, 0.00090, 0.004),
+        _variant(0.75, (24, 48, 96, 192, 288, 384, 96, 144, 192), 2_866_009, 1.028, 75.56, 0.0090, 0.00090, 0.008),
+        _variant(1.0, (32, 64, 128, 256, 384, 512, 128, 192, 256), 4_901_841, 1.812, 78.09, 0.0075, 0.00075, 0.013),
+        _variant(1.25, (40, 80, 160, 320, 480, 640, 160, 240, 320), 7_478_089, 2.817, 79.65, 0.0049, 0.00049, 0.020),
+        _variant(1.5, (48, 96, 192, 384, 576, 768, 192, 288, 384), 10_594_753, 4.042, 80.38, 0.0035, 0.00035, 0.029),
+        _variant(1.75, (56, 112, 224, 448, 672, 896, 224, 336, 448), 14_251_833, 5.489, 80.84, 0.0026, 0.00026, 0.039),
+        _variant(2.0, (64, 128, 256, 512, 768, 1024, 256, 384, 512), 18_449_329, 7.156, 81.17, 0.0020, 0.00020, 0.050),
+    )
+}
+
+
+def dilations_for(output_stride: int) -> Tuple[Tuple[int, int], ...]:
+    """(stride of the first block, dilation) of layer3, layer4, layer5 for an output stride.
+
+    As cvnets' _make_mit_layer: a dilated stage runs its stride-2 block at stride 1 with the
+    previous dilation, and its MobileViTv2 block's local 3x3 conv with the doubled one.
+    """
+    if output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+    dilated = {32: (), 16: (5,), 8: (4, 5)}[output_stride]
+    out, dilation = [], 1
+    for layer in (3, 4, 5):
+        if layer in dilated:
+            out.append((1, dilation))
+            dilation *= 2
+        else:
+            out.append((2, dilation))
+    return tuple(out)
+
+
 class InvertedResidual(nn.Module):
     """MV2 block: 1x1 expand (BN, SiLU), 3x3 depthwise (BN, SiLU), 1x1 project (BN)."""
 
     features: int
     strides: int = 1
+    dilation: int = 1
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         cin = x.shape[-1]
         hidden = make_divisible(round(cin * MV2_EXPANSION), 8)
-        kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        kw = dict(dtype=self.dtype, kernels=self.kernels)
         y = ConvBN(hidden, 1, name="conv1_1x1", **kw)(x, train)
-        y = ConvBN(hidden, 3, self.strides, groups=hidden, name="conv2_kxk", **kw)(y, train)
-        y = ConvBN(self.features, 1, act=False, name="conv3_1x1", **kw)(y, train)
+        y = ConvBN(hidden, 3, self.strides, groups=hidden, dilation=self.dilation, name="conv2_kxk", **kw)(y, train)
+        y = ConvBN(self.features, 1, act=None, name="conv3_1x1", **kw)(y, train)
         if self.strides == 1 and cin == self.features:
             y = y + x
         return y
@@ -108,14 +181,12 @@ class TransformerLayer(nn.Module):
     """Pre-norm layer: x + Attn(GN(x)), then x + FFN(GN(x)); GN is one-group GroupNorm."""
 
     dim: int
-    attention: str = "separable"
-    num_heads: int = 4
-    linformer_proj_len: int = 64
+    attention: AttentionFactory
     dropout: float = 0.0
-    attn_dropout: float = 0.0
     ffn_dropout: float = 0.0
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -123,24 +194,16 @@ class TransformerLayer(nn.Module):
         # Stochastic depth: drop the whole residual branch per sample.
         drop_branch = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)))
         y = group_norm1(self.dtype, name="norm1")(x)
-        y = make_attention(
-            self.attention,
-            self.dim,
-            num_heads=self.num_heads,
-            linformer_proj_len=self.linformer_proj_len,
-            attn_dropout=self.attn_dropout,
-            dtype=self.dtype,
-            name="attn",
-        )(y, train)
+        y = self.attention(self.dim, name="attn")(y, train)
         y = nn.Dropout(self.dropout)(y, deterministic=det)
         x = x + drop_branch(y, deterministic=det)
 
         hidden = int(FFN_MULTIPLIER * self.dim // 16 * 16)
         y = group_norm1(self.dtype, name="norm2")(x)
-        y = torch_dense(hidden, self.dim, self.dtype, name="fc1")(y)
+        y = dense(hidden, in_features=self.dim, dtype=self.dtype, kernels=self.kernels, name="fc1")(y)
         y = nn.silu(y)
         y = nn.Dropout(self.ffn_dropout)(y, deterministic=det)
-        y = torch_dense(self.dim, hidden, self.dtype, name="fc2")(y)
+        y = dense(self.dim, in_features=hidden, dtype=self.dtype, kernels=self.kernels, name="fc2")(y)
         y = nn.Dropout(self.dropout)(y, deterministic=det)
         return x + drop_branch(y, deterministic=det)
 
@@ -162,20 +225,22 @@ def fold(x: jax.Array, height: int, width: int) -> jax.Array:
 
 
 class MobileViTv2Block(nn.Module):
-    """Local 3x3 depthwise + 1x1, global attention over unfolded patches, fold, 1x1 + BN."""
+    """Local 3x3 depthwise + 1x1, global attention over unfolded patches, fold, 1x1 + BN.
+
+    `attention` is a module factory (mvit2_jax.models.attention.attention_factory); the local
+    3x3 conv takes the stage's `dilation`.
+    """
 
     features: int
     attn_dim: int
     depth: int
-    attention: str = "separable"
-    num_heads: int = 4
-    linformer_proj_len: int = 64
+    attention: AttentionFactory
+    dilation: int = 1
     dropout: float = 0.0
-    attn_dropout: float = 0.0
     ffn_dropout: float = 0.0
     drop_path: Tuple[float, ...] = ()
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -184,26 +249,109 @@ class MobileViTv2Block(nn.Module):
         new_h, new_w = math.ceil(h / p) * p, math.ceil(w / p) * p
         # Sizes not divisible by the patch are resized up and not resized back.
         x = resize_bilinear_align_corners(x, new_h, new_w)
-        kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
-        x = ConvBN(c, 3, groups=c, name="conv_kxk", **kw)(x, train)
-        x = Conv(self.attn_dim, 1, dtype=self.dtype, impl=self.conv_impl, name="conv_1x1")(x)
+        kw = dict(dtype=self.dtype, kernels=self.kernels)
+        x = ConvBN(c, 3, groups=c, dilation=self.dilation, name="conv_kxk", **kw)(x, train)
+        x = Conv(self.attn_dim, 1, name="conv_1x1", **kw)(x)
         x = unfold(x)
         for t in range(self.depth):
             x = TransformerLayer(
                 self.attn_dim,
                 self.attention,
-                self.num_heads,
-                self.linformer_proj_len,
                 self.dropout,
-                self.attn_dropout,
                 self.ffn_dropout,
                 self.drop_path[t] if self.drop_path else 0.0,
-                self.dtype,
                 name=f"transformer_{t}",
+                **kw,
             )(x, train)
         x = group_norm1(self.dtype, name="norm")(x)
         x = fold(x, new_h, new_w)
-        return ConvBN(self.features, 1, act=False, name="conv_proj", **kw)(x, train)
+        return ConvBN(self.features, 1, act=None, name="conv_proj", **kw)(x, train)
+
+
+def check_images(images: jax.Array) -> None:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ConfigError(f"images must be [batch, height, width, 3] (NHWC RGB), got shape {images.shape}")
+
+
+def compute_dtype(name: str) -> Dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class MobileViTv2Backbone(nn.Module):
+    """MobileViTv2 as a feature extractor. Input: float images in [0, 1], [B, H, W, 3].
+
+    Returns {"stem", "layer1", ..., "layer5"}: NHWC feature maps at strides 2, 2, 4, 8, 16,
+    32, or with output_stride 16 (layer5 dilated) or 8 (layer4 and layer5 dilated) the
+    dilated stages keep the resolution of the stage before them.
+
+    Attributes: see `MobileViTv2` (all but the classifier's num_classes and head_dropout),
+    plus output_stride.
+    """
+
+    alpha: float = 1.0
+    output_stride: int = 32
+    attention: str = "separable"
+    num_heads: int = 4
+    linformer_proj_len: int = 64
+    dtype: str = "float32"
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    ffn_dropout: float = 0.0
+    drop_path: float = 0.0
+    kernels: str = "auto"
+
+    @property
+    def widths(self) -> Widths:
+        return widths_for(self.alpha)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+        check_images(images)
+        check_attention(self.attention)
+        resolve_kernels(self.kernels)
+        dtype = compute_dtype(self.dtype)
+        stages = dilations_for(self.output_stride)
+        widths = self.widths
+        make_attention = attention_factory(
+            self.attention,
+            num_heads=self.num_heads,
+            proj_len=self.linformer_proj_len,
+            attn_dropout=self.attn_dropout,
+            dtype=dtype,
+            kernels=self.kernels,
+        )
+        kw = dict(dtype=dtype, kernels=self.kernels)
+
+        features = {}
+        x = features["stem"] = ConvBN(widths.stem, 3, 2, name="stem", **kw)(images, train)
+        x = features["layer1"] = InvertedResidual(widths.layer1, 1, name="stages_0_0", **kw)(x, train)
+        x = InvertedResidual(widths.layer2, 2, name="stages_1_0", **kw)(x, train)
+        x = features["layer2"] = InvertedResidual(widths.layer2, 1, name="stages_1_1", **kw)(x, train)
+
+        n_layers = sum(TRANSFORMER_DEPTHS)
+        rates = [self.drop_path * i / max(n_layers - 1, 1) for i in range(n_layers)]
+        for s, (features_out, attn_dim, depth, (stride, dilation)) in enumerate(
+            zip(widths.stages[2:], widths.attn_dims, TRANSFORMER_DEPTHS, stages), start=2
+        ):
+            x = InvertedResidual(features_out, stride, dilation, name=f"stages_{s}_0", **kw)(x, train)
+            block_dilation = dilation * 2 if stride == 1 else dilation
+            x = MobileViTv2Block(
+                features_out,
+                attn_dim,
+                depth,
+                make_attention,
+                block_dilation,
+                self.dropout,
+                self.ffn_dropout,
+                tuple(rates[:depth]),
+                name=f"stages_{s}_1",
+                **kw,
+            )(x, train)
+            features[f"layer{s + 1}"] = x
+            rates = rates[depth:]
+        return features
 
 
 class MobileViTv2(nn.Module):
@@ -212,14 +360,14 @@ class MobileViTv2(nn.Module):
     Attributes:
       alpha: width multiplier (0.5 to 2.0 in the paper; any positive value works).
       num_classes: size of the classifier head.
-      attention: "separable" (the paper's), "mha" or "linformer".
+      attention: a name from mvit2_jax.models.attention.ATTENTION ("separable", "mha", "linformer").
       num_heads: heads of the "mha" and "linformer" units.
       linformer_proj_len: token length the "linformer" unit projects keys and values to.
       dtype: computation dtype, "float32" or "bfloat16" (parameters stay float32).
       dropout / attn_dropout / ffn_dropout: as in the official code (default 0).
       drop_path: stochastic depth of the last transformer layer, rising linearly from 0.
       head_dropout: dropout before the classifier.
-      conv_impl: "auto" (per backend), "xla" (library convs) or "unrolled" (multiply-adds).
+      kernels: "auto", "cpu" or "portable" (see mvit2_jax.models.layers).
     """
 
     alpha: float = 1.0
@@ -233,57 +381,33 @@ class MobileViTv2(nn.Module):
     ffn_dropout: float = 0.0
     drop_path: float = 0.0
     head_dropout: float = 0.0
-    conv_impl: str = "auto"
+    kernels: str = "auto"
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments, JSON-serializable; MobileViTv2(**config) rebuilds it."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("parent", "name")}
+        return module_config(self)
 
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        if self.attention not in ATTENTION_TYPES:
-            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [batch, height, width, 3] (NHWC RGB), got shape {images.shape}")
-        dtype = DTYPES[self.dtype]
-        widths = widths_for(self.alpha)
-        kw = dict(dtype=dtype, conv_impl=self.conv_impl)
-
-        x = ConvBN(widths.stem, 3, 2, name="stem", **kw)(images, train)
-        x = InvertedResidual(widths.layer1, 1, name="stages_0_0", **kw)(x, train)
-        x = InvertedResidual(widths.layer2, 2, name="stages_1_0", **kw)(x, train)
-        x = InvertedResidual(widths.layer2, 1, name="stages_1_1", **kw)(x, train)
-
-        n_layers = sum(TRANSFORMER_DEPTHS)
-        rates = [self.drop_path * i / max(n_layers - 1, 1) for i in range(n_layers)]
-        for s, (features, attn_dim, depth) in enumerate(
-            zip(widths.stages[2:], widths.attn_dims, TRANSFORMER_DEPTHS), start=2
-        ):
-            x = InvertedResidual(features, 2, name=f"stages_{s}_0", **kw)(x, train)
-            x = MobileViTv2Block(
-                features,
-                attn_dim,
-                depth,
-                self.attention,
-                self.num_heads,
-                self.linformer_proj_len,
-                self.dropout,
-                self.attn_dropout,
-                self.ffn_dropout,
-                tuple(rates[:depth]),
-                name=f"stages_{s}_1",
-                **kw,
-            )(x, train)
-            rates = rates[depth:]
-
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        x = nn.Dropout(self.head_dropout)(x, deterministic=not train)
-        return nn.Dense(
+    def setup(self) -> None:
+        backbone_fields = {f.name for f in dataclasses.fields(MobileViTv2Backbone)} - {"parent", "name"}
+        self.backbone = MobileViTv2Backbone(**{k: v for k, v in self.config().items() if k in backbone_fields})
+        nn.share_scope(self, self.backbone)  # the backbone's variables sit at the top level, as in timm
+        self.head_drop = nn.Dropout(self.head_dropout)
+        self.head = dense(
             self.num_classes,
             dtype=jnp.float32,
+            kernels=self.kernels,
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.zeros,
-            name="head",
-        )(x)
+        )
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        x = self.backbone(images, train)["layer5"]
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = self.head_drop(x, deterministic=not train)
+        return self.head(x)
+
+
+def module_config(module: nn.Module, exclude: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
+    """A module's dataclass fields (constructor arguments) as a dict."""
+    skip = {"parent", "name", *(exclude or ())}
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in skip}
