@@ -1,25 +1,25 @@
-"""The paper's ImageNet recipe (cvnets mobilevit_v2.yaml); width configs override it.
+"""The paper's ImageNet classification recipe (cvnets mobilevit_v2.yaml); other configs override it.
 
-Every field can be overridden on the command line: --config.optim.lr=0.001.
+Every field can be overridden on the command line: --config.optim.lr=0.001. The per-width
+learning rates and weight decay come from the variant table beside the model
+(mvit2_jax.models.VARIANTS); a width without a paper recipe must be given them
+(--config.optim.lr, --config.optim.min_lr, --config.optim.weight_decay), and a run stops with
+a one-line error naming the fields in `required_fields` that have no value.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
-# alpha: (max lr, min lr, weight decay), reference section 4.
-PER_WIDTH = {
-    0.5: (0.0090, 0.00090, 0.004),
-    0.75: (0.0090, 0.00090, 0.008),
-    1.0: (0.0075, 0.00075, 0.013),
-    1.25: (0.0049, 0.00049, 0.020),
-    1.5: (0.0035, 0.00035, 0.029),
-    1.75: (0.0026, 0.00026, 0.039),
-    2.0: (0.0020, 0.00020, 0.050),
-}
+from mvit2_jax.models import VARIANTS
 
 
 def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
+    """The recipe for width `alpha` (a number, or its text: --config=experiments/base.py:0.6)."""
+    alpha = float(alpha)
     c = ml_collections.ConfigDict()
+    c.task = "classification"
     c.seed = 0
+    c.required_fields = ()  # dotted names of fields a run needs a value for
 
     c.model = ml_collections.ConfigDict()
     c.model.alpha = alpha
@@ -32,13 +32,13 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.model.ffn_dropout = 0.0
     c.model.drop_path = 0.0
     c.model.head_dropout = 0.0
-    c.model.conv_impl = "auto"
+    c.model.kernels = "auto"  # "auto" | "cpu" | "portable" (library ops only; see mvit2_jax.models.layers)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "imagenet2012"
     c.data.train_split = "train"
     c.data.eval_split = "validation"
-    c.data.data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.data_dir = config_dict.placeholder(str)
     c.data.num_classes = 1000
     # Image folders (--config.data.dataset=/path/to/folder: one sub-folder per class).
     c.data.folder_val_fraction = 0.1  # without split folders: share of each class held out as "validation"
@@ -59,7 +59,7 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.data.mix_switch_prob = 0.5
 
     # Fine-tuning: start from an Orbax checkpoint (a training workdir or mvit2_jax.convert output).
-    c.init_from = ml_collections.config_dict.placeholder(str)
+    c.init_from = config_dict.placeholder(str)
     c.init_from_ema = True  # training checkpoints: start from the EMA weights
     c.freeze_backbone = False  # train the head only (backbone params and BN statistics fixed)
 
@@ -69,15 +69,19 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.num_epochs = 300
     c.label_smoothing = 0.1
 
-    max_lr, min_lr, wd = PER_WIDTH.get(alpha, PER_WIDTH[1.0])
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # "adamw" | "sgd"
-    c.optim.lr = max_lr
-    c.optim.min_lr = min_lr
+    if alpha in VARIANTS:
+        recipe = VARIANTS[alpha].recipe
+        c.optim.lr, c.optim.min_lr, c.optim.weight_decay = recipe.lr, recipe.min_lr, recipe.weight_decay
+    else:  # no paper recipe for this width: the run needs them given
+        c.optim.lr = config_dict.placeholder(float)
+        c.optim.min_lr = config_dict.placeholder(float)
+        c.optim.weight_decay = config_dict.placeholder(float)
+        c.required_fields = ("optim.lr", "optim.min_lr", "optim.weight_decay")
     c.optim.schedule = "cosine"  # "cosine" | "constant"
     c.optim.warmup_steps = 20_000
     c.optim.warmup_init_lr = 1e-6
-    c.optim.weight_decay = wd
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
@@ -90,6 +94,6 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.eval_every_steps = 5_000
     c.checkpoint_every_steps = 5_000
-    c.keep_checkpoints = 3  # the latest K, plus the best by eval top-1
+    c.keep_checkpoints = 3  # the latest K, plus the best by EMA eval top-1
     c.prefetch = 2
     return c

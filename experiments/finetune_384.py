@@ -13,7 +13,7 @@ from experiments import base
 
 def get_config():
     c = base.get_config(alpha=1.0)
-    c.init_from = ""  # required: --config.init_from=DIR
+    c.required_fields = ("init_from",)  # --config.init_from=DIR: the run stops with an error without it
     c.data.image_size = 384
     c.data.eval_resize_size = 432  # 384 * 288 / 256
     c.batch_size = 128

@@ -5,16 +5,11 @@
 
 import itertools
 
-CONFIG_FILES = {
-    0.5: "experiments/alpha_0_5.py",
-    0.75: "experiments/alpha_0_75.py",
-    1.0: "experiments/alpha_1.py",
-    1.25: "experiments/alpha_1_25.py",
-    1.5: "experiments/alpha_1_5.py",
-    1.75: "experiments/alpha_1_75.py",
-    2.0: "experiments/alpha_2.py",
-}
-ATTENTIONS = ("separable", "mha", "linformer")
+from mvit2_jax.models import ATTENTION_TYPES, VARIANTS
+
+# experiments/alpha_0_5.py, alpha_0_75.py, alpha_1.py, ..., alpha_2.py
+CONFIG_FILES = {alpha: f"experiments/alpha_{str(alpha).replace('.', '_').removesuffix('_0')}.py" for alpha in VARIANTS}
+ATTENTIONS = ATTENTION_TYPES
 
 
 def runs():

@@ -1,4 +1,4 @@
-"""Train or evaluate MobileViTv2.
+"""Train or evaluate a model of any task (the config's `task` field).
 
     python -m mvit2_jax.main --config=experiments/alpha_1.py --workdir=DIR [--config.FIELD=VALUE ...]
     python -m mvit2_jax.main --config=experiments/alpha_1.py --workdir=DIR --mode=eval
@@ -6,6 +6,10 @@
 Running the same command again resumes from the latest checkpoint in DIR. Multi-host:
 jax.distributed is initialized automatically on Cloud TPU pods and under SLURM, or from
 --coordinator_address/--num_processes/--process_id.
+
+Exit status: 0 done; 2 a configuration, flag or data error (one line on stderr says what to
+change); 3 too many non-finite steps; 143 preempted (checkpoint saved: run again to resume).
+Any other failure is a bug or an environment fault and prints its traceback.
 """
 
 import os
@@ -15,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mvit2_jax import allocator
+from mvit2_jax.errors import EXIT_NONFINITE, EXIT_USAGE, USAGE_ERRORS, NonFiniteError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
@@ -59,27 +64,27 @@ def main(argv):
     import jax
 
     from mvit2_jax import train
-    from mvit2_jax.data import DatasetNotPreparedError
+    from mvit2_jax.errors import ConfigError
 
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.default_backend())
     try:
         if FLAGS.mode == "eval":
             if not (FLAGS.checkpoint or FLAGS.workdir):
-                raise ValueError("--mode=eval needs --workdir=RUN_DIR or --checkpoint=MODEL_DIR")
+                raise ConfigError("--mode=eval needs --workdir=RUN_DIR or --checkpoint=MODEL_DIR")
             metrics = train.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint or FLAGS.workdir, FLAGS.eval_split)
         else:
             if not FLAGS.workdir:
-                raise ValueError("training needs --workdir=DIR (checkpoints and logs go there)")
+                raise ConfigError("training needs --workdir=DIR (checkpoints and logs go there)")
             metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, DatasetNotPreparedError) as e:
+    except USAGE_ERRORS as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except train.NonFiniteError as e:
+        sys.exit(EXIT_USAGE)
+    except NonFiniteError as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(EXIT_NONFINITE)
     if jax.process_index() == 0 and metrics:
         print(" ".join(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())))
 
@@ -92,10 +97,10 @@ def parse_flags(argv):
         bad = [a for a in argv if a.startswith("--config.")]
         field = str(e).strip("\"'")
         print(f"error: unknown config field {field!r} (in {' '.join(bad)}): see experiments/base.py for the fields", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     python -m mvit2_jax.predict --checkpoint DIR IMAGE [IMAGE ...]
 
-Preprocessing (as in the official evaluation): shorter side resized to 288 with bicubic
-interpolation (scaled as 288/256 of the checkpoint's image size), center crop, RGB in [0, 1].
+Preprocessing is the eval pipeline's own function (mvit2_jax.data.eval_image): shorter side
+resized to the checkpoint's eval resize (288 for 256 crops, bicubic), center crop, RGB in
+[0, 1]. So predict gives the logits that evaluation gives for the same files.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-EVAL_RESIZE_RATIO = 288 / 256
+from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
 
 
 def imagenet_class_names() -> List[str]:
@@ -25,29 +26,51 @@ def imagenet_class_names() -> List[str]:
 
 
 def load_image(path: str, image_size: int, resize_size: Optional[int] = None) -> np.ndarray:
-    """Read `path`, resize its shorter side to `resize_size` (bicubic), center crop; [H, W, 3] in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    """The eval preprocessing of the file at `path`: float32 [image_size, image_size, 3] in [0, 1].
 
-    if resize_size is None:
-        resize_size = int(round(image_size * EVAL_RESIZE_RATIO))
+    Raises DataError naming the file when it is missing or not a decodable image.
+    """
+    import tensorflow as tf
+
+    from mvit2_jax.data import eval_image
+    from mvit2_jax.tasks.classification import default_eval_resize
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = resize_size / min(w, h)
-            new_w, new_h = max(resize_size, round(w * scale)), max(resize_size, round(h * scale))
-            im = im.resize((new_w, new_h), Image.BICUBIC)
-            left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-            return np.asarray(im, np.float32) / 255.0
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, not an image file") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file PIL can read") from None
+        raise DataError(f"{path}: is a directory, not an image file") from None
     except OSError as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from None
+        raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
+    try:
+        image = eval_image(tf.constant(data), image_size, resize_size or default_eval_resize(image_size))
+    except (tf.errors.InvalidArgumentError, ValueError) as e:
+        reason = str(getattr(e, "message", e)).strip().splitlines()
+        raise DataError(f"{path}: not an image file TensorFlow can decode ({reason[0] if reason else type(e).__name__})") from None
+    return image.numpy()
+
+
+def load_images(paths: Sequence[str], image_size: int, resize_size: Optional[int] = None) -> Tuple[np.ndarray, List[str], List[str]]:
+    """(images [N, S, S, 3], the paths that loaded, an error line per file that did not)."""
+    images, good, errors = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, image_size, resize_size))
+            good.append(path)
+        except DataError as e:
+            errors.append(str(e))
+    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
+    return stacked, good, errors
+
+
+def classify(model, variables, images: np.ndarray) -> np.ndarray:
+    """float32 logits [N, classes] of preprocessed images, in eval mode."""
+    import jax
+
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    return np.asarray(logits, np.float32)
 
 
 def class_names_for(config: dict, num_classes: int) -> List[str]:
@@ -65,22 +88,16 @@ def predict(checkpoint: str, paths: Sequence[str], top_k: int = 5, ema: bool = T
 
     from mvit2_jax.checkpoint import load_model, read_config
 
-    config, _, _ = read_config(checkpoint)
+    meta, _, _ = read_config(checkpoint)
+    if meta["task"] != "classification":
+        raise ConfigError(f"{checkpoint} holds a {meta['task']} model: predict prints classes of classification models")
     model, variables = load_model(checkpoint, ema=ema)
-    image_size = int(config.get("image_size", (256, 256))[0])
-    resize = config.get("eval_resize_size")
-    images, good, errors = [], [], []
-    for path in paths:
-        try:
-            images.append(load_image(path, image_size, resize))
-            good.append(path)
-        except ValueError as e:
-            errors.append(str(e))
+    image_size = int(meta.get("image_size", (256, 256))[0])
+    images, good, errors = load_images(paths, image_size, meta.get("eval_resize_size"))
     results = []
-    if images:
-        logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, np.stack(images))
-        probs = np.asarray(jax.nn.softmax(logits.astype("float32"), axis=-1))
-        names = class_names_for(config, probs.shape[-1])
+    if len(good):
+        probs = np.asarray(jax.nn.softmax(classify(model, variables, images), axis=-1))
+        names = class_names_for(meta, probs.shape[-1])
         k = min(top_k, probs.shape[-1])
         for path, p in zip(good, probs):
             top = np.argsort(-p)[:k]
@@ -95,11 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("images", nargs="+", help="image files")
     args = parser.parse_args(argv)
-    try:
+    with usage_errors_exit():
         results, errors = predict(args.checkpoint, args.images, args.top_k, ema=not args.raw)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     for path, top in results:
         print(path)
         for name, p in top:

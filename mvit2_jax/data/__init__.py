@@ -1,45 +1,58 @@
-"""Input pipeline: TFDS datasets (incl. the offline digits and image folders), augmentation,
-batch mixing.
+"""Input pipeline: TFDS datasets (incl. the offline digits and image folders), image ops,
+augmentation, the train stream and eval pass every task shares, batch mixing.
 
 Importing this package registers the "mvit2_digits" TFDS dataset. A directory given as the
-dataset name is an image-folder dataset (folder.py); `configure_folder` sets its options.
+dataset name is an image-folder dataset (folder.py); `DatasetSpec` carries its options.
 """
 
 from mvit2_jax.data import digits  # noqa: F401  (registers the "mvit2_digits" builder)
-from mvit2_jax.data.datasets import (
-    DatasetNotPreparedError,
-    check_dataset,
-    class_names,
-    eval_steps,
-    load_split,
-    num_examples,
-    steps_per_epoch,
-)
-from mvit2_jax.data.folder import BadImageError, FolderError, configure_folder, is_folder_dataset, skipped_files
+from mvit2_jax.data.folder import BadImageError, FolderError, FolderOptions, is_folder_dataset
 from mvit2_jax.data.pipeline import (
     TrainAugmentation,
-    eval_dataset,
-    eval_iterator,
-    train_dataset,
-    train_iterator,
+    as_numpy,
+    eval_image,
+    eval_pass,
+    labeled_eval_pass,
+    labeled_train_stream,
+    train_image,
+    train_stream,
+)
+from mvit2_jax.data.sources import (
+    DatasetLike,
+    DatasetNotPreparedError,
+    DatasetSpec,
+    check_split,
+    class_names,
+    eval_steps,
+    get_builder,
+    load_split,
+    num_examples,
+    skipped_files,
+    steps_per_epoch,
 )
 
 __all__ = [
     "BadImageError",
+    "DatasetLike",
     "DatasetNotPreparedError",
+    "DatasetSpec",
     "FolderError",
+    "FolderOptions",
     "TrainAugmentation",
-    "check_dataset",
+    "as_numpy",
+    "check_split",
     "class_names",
-    "configure_folder",
-    "eval_dataset",
-    "eval_iterator",
+    "eval_image",
+    "eval_pass",
     "eval_steps",
+    "get_builder",
     "is_folder_dataset",
+    "labeled_eval_pass",
+    "labeled_train_stream",
     "load_split",
     "num_examples",
     "skipped_files",
     "steps_per_epoch",
-    "train_dataset",
-    "train_iterator",
+    "train_image",
+    "train_stream",
 ]

@@ -47,7 +47,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     name = NAME
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    PREPARES_OFFLINE = True  # read by mvit2_jax.data.datasets: safe to prepare on first use
+    PREPARES_OFFLINE = True  # read by mvit2_jax.data.sources: safe to prepare on first use
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(

@@ -1,7 +1,8 @@
 """Image-folder datasets: a directory with one sub-folder per class, used by its path.
 
-`datasets.get_builder("/data/pets")` (and so every function of the input pipeline) accepts
-a directory as the dataset name. The folder is prepared once into the TFDS data dir as an
+`sources.get_builder("/data/pets")` (and so every function of the input pipeline) accepts
+a directory as the dataset name; `FolderOptions` (from the run's config, through
+`sources.DatasetSpec`) say how it becomes a dataset. The folder is prepared once into the TFDS data dir as an
 ordinary TFDS dataset, so sharding, cardinality, decoding and the train/eval streams are
 the ones used for TFDS datasets. Two layouts:
 
@@ -45,6 +46,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -56,6 +58,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from mvit2_jax.errors import ConfigError, DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
 BAD_FILE_POLICIES = ("skip", "error")
@@ -66,17 +70,23 @@ _EXTENSIONS_TEXT = ", ".join(e[1:] for e in IMAGE_EXTENSIONS)
 _CHECK_WINDOW = 256  # files read and decoded ahead of the TFDS writer
 
 
-class FolderError(ValueError):
-    """A folder dataset's path, layout or options are unusable (one line, says what to change)."""
+class FolderError(DataError):
+    """A folder dataset's path or layout is unusable (one line, says what to change)."""
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """A bad file in a folder dataset prepared with on_bad_file="error"."""
 
 
 @dataclasses.dataclass(frozen=True)
 class FolderOptions:
-    """How a folder becomes a dataset; see `configure_folder`."""
+    """How a folder becomes a dataset.
+
+    val_fraction: share of each class that goes to "validation" when the folder has no split
+        folders (ignored otherwise), in (0, 1).
+    seed: which images the class-folders-only split puts into "validation".
+    on_bad_file: "skip" (leave bad files out, log and record them) or "error" (fail).
+    """
 
     val_fraction: float = 0.1
     seed: int = 0
@@ -88,14 +98,11 @@ class FolderOptions:
             or not isinstance(self.val_fraction, (int, float))
             or not 0 < self.val_fraction < 1
         ):
-            raise FolderError(f"the folder validation fraction must be in (0, 1), e.g. 0.1, got {self.val_fraction!r}")
+            raise ConfigError(f"the folder validation fraction (config.data.folder_val_fraction) must be in (0, 1), e.g. 0.1, got {self.val_fraction!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise FolderError(f"the folder split seed must be an integer >= 0, got {self.seed!r}")
+            raise ConfigError(f"the folder split seed (config.data.folder_split_seed) must be an integer >= 0, got {self.seed!r}")
         if self.on_bad_file not in BAD_FILE_POLICIES:
-            raise FolderError(f"on_bad_file must be one of {', '.join(BAD_FILE_POLICIES)}, got {self.on_bad_file!r}")
-
-
-_OPTIONS: Dict[str, FolderOptions] = {}
+            raise ConfigError(f"on_bad_file (config.data.bad_files) must be one of {', '.join(BAD_FILE_POLICIES)}, got {self.on_bad_file!r}")
 
 
 def is_folder_dataset(name: str) -> bool:
@@ -111,31 +118,18 @@ def resolve(path: str) -> str:
     return os.path.realpath(os.path.expanduser(os.fspath(path)))
 
 
-def configure_folder(path: str, *, val_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip") -> None:
-    """Set the options of the folder dataset at `path` for this process (call before using it).
+_CLASSES: Dict[str, type] = {}  # one builder class per prepared-dataset name
 
-    val_fraction: share of each class that goes to "validation" when the folder has no split
-        folders (ignored otherwise), in (0, 1).
-    seed: which images the class-folders-only split puts into "validation".
-    on_bad_file: "skip" (leave bad files out, log and record them) or "error" (fail).
 
-    Raises FolderError at once for bad options or a path that is not a usable folder.
-    """
-    options = FolderOptions(val_fraction=val_fraction, seed=seed, on_bad_file=on_bad_file)
+def check(path: str, options: FolderOptions) -> None:
+    """Raise the folder's path and layout errors now, before a run builds anything."""
+    _source(_scan(_check_root(path)), options)
+
+
+def builder(path: str, data_dir: Optional[str], options: FolderOptions) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of the folder dataset at `path` (prepared on first use by sources.load_split)."""
     root = _check_root(path)
-    _source(_scan(root), options)  # the layout errors now, before a run builds anything
-    _OPTIONS[root] = options
-
-
-def folder_options(path: str) -> FolderOptions:
-    """The options `configure_folder` set for `path`, or the defaults."""
-    return _OPTIONS.get(resolve(path), FolderOptions())
-
-
-def builder(path: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of the folder dataset at `path` (prepared on first use by `load_split`)."""
-    root = _check_root(path)
-    source = _source(_scan(root), _OPTIONS.get(root, FolderOptions()))
+    source = _source(_scan(root), options)
     cls = _CLASSES.get(source.name)
     if cls is None:
         cls = _CLASSES[source.name] = type(
@@ -145,14 +139,6 @@ def builder(path: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuild
             skip_registration=True,
         )
     return cls(data_dir=data_dir)
-
-
-def skipped_files(path: str, data_dir: Optional[str] = None) -> Dict[str, str]:
-    """{relative path: reason} of the bad files left out of the folder dataset at `path`
-    (prepares it first if needed)."""
-    from mvit2_jax.data import datasets  # datasets imports this module
-
-    return dict(datasets.prepared_builder(path, data_dir).info.metadata["skipped"])
 
 
 # ----------------------------------------------------------------------------- reading the folder
@@ -171,7 +157,7 @@ class _Scan:
     folders: Tuple[Tuple[str, int], ...]  # every folder read, with its mtime: a change means read again
 
 
-_SCANS: Dict[str, _Scan] = {}
+_SCANS: Dict[str, _Scan] = {}  # a cache of folder reads, refreshed when a folder changes
 
 
 def _check_root(path: str) -> str:
@@ -423,21 +409,12 @@ def _checked(root: str, paths: Iterable[str]) -> Iterator[Tuple[Optional[bytes],
     """`_check_image` of each path, in order, on a few threads (TF's decoders release the GIL)."""
     paths = iter(paths)
     with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        pending = collections.deque(pool.submit(_check_image, root, p) for p in _take(paths, _CHECK_WINDOW))
+        pending = collections.deque(pool.submit(_check_image, root, p) for p in itertools.islice(paths, _CHECK_WINDOW))
         while pending:
             result = pending.popleft().result()
-            for p in _take(paths, 1):
+            for p in itertools.islice(paths, 1):
                 pending.append(pool.submit(_check_image, root, p))
             yield result
-
-
-def _take(it: Iterator[str], n: int) -> List[str]:
-    out = []
-    for x in it:
-        out.append(x)
-        if len(out) == n:
-            break
-    return out
 
 
 # ----------------------------------------------------------------------------- the TFDS builder
@@ -448,7 +425,7 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    PREPARES_OFFLINE = True  # read by mvit2_jax.data.datasets: safe to prepare on first use
+    PREPARES_OFFLINE = True  # read by mvit2_jax.data.sources: safe to prepare on first use
     SOURCE: ClassVar[_Source]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -513,4 +490,3 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             logging.warning("Folder dataset %s[%s]: %d of %d images skipped as bad", root, split, skipped, len(files))
 
 
-_CLASSES: Dict[str, type] = {}

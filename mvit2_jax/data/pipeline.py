@@ -1,43 +1,55 @@
 """tf.data input pipelines: an endless, exactly resumable train stream and a padded eval pass.
 
-Train: each process reads its own share of the split (`tfds.even_splits` by process index).
-Epoch e shuffles that share with a shuffle buffer seeded by (seed, process, e), keeps the
-first `steps_per_epoch * batch_size` examples, and augments example i of epoch e with
-stateless ops keyed by (seed, process, e, i). Nothing depends on iterator state, so
-`start_step=k` gives exactly the batches k, k+1, ... of a run started at step 0 (it skips
-the first examples of epoch k // steps_per_epoch before decoding them). Every per-example
-augmentation (crop, flip, RandAugment, erasing) is reproduced exactly; Mixup/CutMix run on
-device (mixing.py) from the train step's PRNG key. Reproducibility holds for the same
-TF/TFDS versions, data, batch size and process count, and as long as the process does not
-change TF's global seed (`tf.random.set_seed` also reseeds tf.data's shuffle); changing the
+Both take the per-example function of a task, so every task shares the sharding, shuffling,
+resume and padding logic here and only says what one example becomes.
+
+Train (`train_stream`): each process reads its own share of the split (`tfds.even_splits`
+by process index). Epoch e shuffles that share with a shuffle buffer seeded by (seed,
+process, e), keeps the first `steps_per_epoch * batch_size` examples, and calls
+`example_fn(key, record)` on example i of epoch e with a stateless key derived from (seed,
+process, e, i). Nothing depends on iterator state, so `start_step=k` gives exactly the
+batches k, k+1, ... of a run started at step 0 (it skips the first examples of epoch
+k // steps_per_epoch before decoding them). Reproducibility holds for the same TF/TFDS
+versions, data, batch size and process count, and as long as the process does not change
+TF's global seed (`tf.random.set_seed` also reseeds tf.data's shuffle); changing the
 process count reshards the data.
 
 The order within an epoch is a shuffle-buffer permutation of TFDS's deterministic read
 order (TFDS already shuffled the examples when it prepared the dataset); a buffer at least
 as large as a process's share (the digits, CIFAR) gives a uniformly random permutation.
 
-Eval: every example of the split is seen exactly once across processes. Each process gets
-the same number of full batches; padding examples have `mask` 0.
+Eval (`eval_pass`): every example of the split is seen exactly once across processes. Each
+process gets the same number of full batches of `example_fn(record)`; padding examples are
+zeros with `mask` 0 (real ones have `mask` 1).
 
-Batches are dicts of numpy arrays: train {"image": float32 [B, H, W, 3] in [0, 1],
-"label": int32 [B]}; eval adds "mask": float32 [B] (1 real, 0 padding).
+Records are TFDS example dicts restricted to `features`; images stay encoded (the example
+functions decode them, JPEGs fused with the crop). Batches are dicts of numpy arrays.
+
+Image classification's ops live here too: `TrainAugmentation`, `train_image`, `eval_image`
+(the one eval preprocessing, shared by the eval pass, predict and export), and the labeled
+streams built from them (`labeled_train_stream`, `labeled_eval_pass`: {"image", "label"}).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mvit2_jax.data import preprocess
-from mvit2_jax.data.datasets import eval_steps, load_split, num_examples, process_split, steps_per_epoch
 from mvit2_jax.data.randaugment import rand_augment
+from mvit2_jax.data.sources import DatasetLike, as_spec, eval_steps, load_split, num_examples, process_split, steps_per_epoch
+from mvit2_jax.errors import DataError
 
 Batch = Dict[str, np.ndarray]
+Record = Dict[str, tf.Tensor]
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+# ----------------------------------------------------------------------------- image ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,22 +66,7 @@ class TrainAugmentation:
     erasing_prob: float = 0.25
 
 
-def _read(name: str, split: Any, data_dir: Optional[str]) -> tf.data.Dataset:
-    """(encoded image, label) pairs in TFDS's deterministic file order."""
-    ds = load_split(name, split, data_dir, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False)
-    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
-
-
-def _hash(key: tf.Tensor) -> tf.Tensor:
-    """An int64 hash of a whole stateless seed (a folded-in seed's first half ignores the data)."""
-    return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
-
-
-def _fold_in(key: tf.Tensor, data: tf.Tensor) -> tf.Tensor:
-    return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg="philox")
-
-
-def train_example(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int, aug: TrainAugmentation) -> tf.Tensor:
+def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int, aug: TrainAugmentation) -> tf.Tensor:
     """Encoded image -> augmented float32 [image_size, image_size, 3] in [0, 1]."""
     s_crop, s_flip, s_ra, s_erase = preprocess.split_seed(seed, 4)
     image = preprocess.decode_and_random_crop(image_bytes, s_crop, aug.crop_scale, aug.crop_ratio)
@@ -84,10 +81,28 @@ def train_example(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int, aug:
     return image
 
 
-def eval_example(image_bytes: tf.Tensor, image_size: int, resize_size: int) -> tf.Tensor:
-    """Encoded image -> shorter side to `resize_size`, center `image_size` crop, [0, 1]."""
+def eval_image(image_bytes: tf.Tensor, image_size: int, resize_size: int) -> tf.Tensor:
+    """Encoded image -> shorter side to `resize_size` (bicubic), center `image_size` crop, [0, 1]."""
     image = preprocess.resize_shorter_side(preprocess.decode(image_bytes), resize_size)
     return preprocess.to_unit_float(preprocess.center_crop(image, image_size))
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def _hash(key: tf.Tensor) -> tf.Tensor:
+    """An int64 hash of a whole stateless seed (a folded-in seed's first half ignores the data)."""
+    return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+
+
+def _fold_in(key: tf.Tensor, data: tf.Tensor) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg="philox")
+
+
+def _read(dataset: DatasetLike, split: Any, features: Sequence[str]) -> tf.data.Dataset:
+    """Records {feature: tensor} in TFDS's deterministic file order; images stay encoded."""
+    ds = load_split(dataset, split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False)
+    return ds.map(lambda ex: {name: ex[name] for name in features})
 
 
 def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -97,25 +112,28 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
-def train_dataset(
-    name: str = "imagenet2012",
-    split: str = "train",
+def train_stream(
+    dataset: DatasetLike,
+    split: str,
     *,
+    example_fn: Callable[[tf.Tensor, Record], Dict[str, tf.Tensor]],
+    features: Sequence[str],
     batch_size: int,
-    image_size: int = 256,
-    data_dir: Optional[str] = None,
     seed: int = 0,
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-    augmentation: TrainAugmentation = TrainAugmentation(),
     shuffle_buffer: int = 16_384,
 ) -> tf.data.Dataset:
     """The endless train stream of this process from global step `start_step` on."""
-    steps = steps_per_epoch(num_examples(name, split, data_dir), batch_size * process_count)
+    spec = as_spec(dataset)
+    steps = steps_per_epoch(num_examples(spec, split), batch_size * process_count)
     if steps == 0:
-        raise ValueError(f"{name}[{split}] has fewer examples than one global batch of {batch_size * process_count}")
-    records = _read(name, process_split(split, process_index, process_count), data_dir)
+        raise DataError(
+            f"{spec.name}[{split}] has fewer examples than one global batch of {batch_size * process_count}: "
+            "lower config.batch_size or use a larger split"
+        )
+    records = _read(spec, process_split(split, process_index, process_count), features)
     examples_per_epoch = steps * batch_size
     process_key = tf.constant([seed, process_index], tf.int64)
 
@@ -128,47 +146,72 @@ def train_dataset(
 
     start_epoch, start_batch = divmod(start_step, steps)
     ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch).skip(start_batch * batch_size)
-
-    def example(key: tf.Tensor, record: Tuple[tf.Tensor, tf.Tensor]) -> Dict[str, tf.Tensor]:
-        return {"image": train_example(record[0], key, image_size, augmentation), "label": record[1]}
-
-    ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
     return _with_options(ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE))
 
 
-def eval_dataset(
-    name: str = "imagenet2012",
-    split: str = "validation",
+def eval_pass(
+    dataset: DatasetLike,
+    split: str,
     *,
+    example_fn: Callable[[Record], Dict[str, tf.Tensor]],
+    features: Sequence[str],
     batch_size: int,
-    image_size: int = 256,
-    resize_size: int = 288,
-    data_dir: Optional[str] = None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> tf.data.Dataset:
     """This process's share of `split`, once, in full batches padded with mask-0 examples."""
-    if resize_size < image_size:
-        raise ValueError(f"resize_size {resize_size} is smaller than the {image_size} center crop")
-    num_batches = eval_steps(num_examples(name, split, data_dir), batch_size, process_count)
-    records = _read(name, process_split(split, process_index, process_count), data_dir)
+    spec = as_spec(dataset)
+    num_batches = eval_steps(num_examples(spec, split), batch_size, process_count)
+    records = _read(spec, process_split(split, process_index, process_count), features)
     num_padding = num_batches * batch_size - int(records.cardinality())
     if num_padding < 0:  # only if the share's size disagrees with the split's metadata
-        raise RuntimeError(f"{name}[{split}]: process {process_index} got more examples than expected")
-    ds = records.map(
-        lambda image, label: {"image": eval_example(image, image_size, resize_size), "label": label, "mask": 1.0},
-        num_parallel_calls=AUTOTUNE,
-    )
-    padding = {"image": tf.zeros([image_size, image_size, 3]), "label": 0, "mask": 0.0}
+        raise RuntimeError(f"{spec.name}[{split}]: process {process_index} got more examples than expected")
+    ds = records.map(lambda record: {**example_fn(record), "mask": 1.0}, num_parallel_calls=AUTOTUNE)
+    shapes = ds.element_spec
+    if not all(s.shape.is_fully_defined() for s in tf.nest.flatten(shapes)):
+        raise ValueError(f"eval examples need static shapes to be batched and padded, got {shapes}")
+    padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), shapes)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
     return _with_options(ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE))
 
 
-def train_iterator(name: str = "imagenet2012", split: str = "train", **kwargs: Any) -> Iterator[Batch]:
-    """`train_dataset(...)` as an iterator of numpy batches."""
-    return iter(tfds.as_numpy(train_dataset(name, split, **kwargs)))
+def as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
+    """A tf.data pipeline as an iterator of numpy batches."""
+    return iter(tfds.as_numpy(ds))
 
 
-def eval_iterator(name: str = "imagenet2012", split: str = "validation", **kwargs: Any) -> Iterator[Batch]:
-    """`eval_dataset(...)` as an iterator of numpy batches."""
-    return iter(tfds.as_numpy(eval_dataset(name, split, **kwargs)))
+# ----------------------------------------------------------------------------- labeled images
+
+
+def _label(record: Record) -> tf.Tensor:
+    return tf.cast(record["label"], tf.int32)
+
+
+def labeled_train_stream(
+    dataset: DatasetLike,
+    split: str,
+    *,
+    image_size: int,
+    augmentation: TrainAugmentation = TrainAugmentation(),
+    **stream_kwargs: Any,
+) -> tf.data.Dataset:
+    """`train_stream` of {"image": `train_image`, "label": int32} (batch_size, seed, start_step,
+    process_index, process_count, shuffle_buffer as for train_stream)."""
+
+    def example(key: tf.Tensor, record: Record) -> Dict[str, tf.Tensor]:
+        return {"image": train_image(record["image"], key, image_size, augmentation), "label": _label(record)}
+
+    return train_stream(dataset, split, example_fn=example, features=("image", "label"), **stream_kwargs)
+
+
+def labeled_eval_pass(dataset: DatasetLike, split: str, *, image_size: int, resize_size: int, **pass_kwargs: Any) -> tf.data.Dataset:
+    """`eval_pass` of {"image": `eval_image`, "label": int32, "mask"} (batch_size,
+    process_index, process_count as for eval_pass)."""
+    if resize_size < image_size:
+        raise ValueError(f"resize_size {resize_size} is smaller than the {image_size} center crop")
+
+    def example(record: Record) -> Dict[str, tf.Tensor]:
+        return {"image": eval_image(record["image"], image_size, resize_size), "label": _label(record)}
+
+    return eval_pass(dataset, split, example_fn=example, features=("image", "label"), **pass_kwargs)

@@ -1,0 +1,221 @@
+"""Image classification: MobileViTv2 on any TFDS or image-folder dataset with integer labels.
+
+The model is `MobileViTv2` built from `config.model` and `config.data.num_classes`; the
+loss is softmax cross-entropy on targets smoothed by `config.label_smoothing` and mixed
+on device by Mixup/CutMix (config.data.mixup_alpha, cutmix_alpha, mix_prob,
+mix_switch_prob); metrics are top-1 and top-5; the best checkpoint is the one with the
+highest EMA top-1. Preprocessing: the cvnets ImageNet train recipe (random-resized crop,
+flip, RandAugment, erasing; config.data) and the official eval preprocessing (shorter side
+to eval_resize_size, bicubic; center crop image_size), which predict and export share.
+
+The input pipeline (TensorFlow) is imported when first used, so rebuilding a model from a
+checkpoint does not import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mvit2_jax.errors import ConfigError, DataError
+from mvit2_jax.models import KERNELS, MobileViTv2
+from mvit2_jax.models.attention import check_attention
+from mvit2_jax.models.mobilevitv2 import DTYPES, module_config
+
+Config = ml_collections.ConfigDict
+MIN_IMAGE_SIZE = 32  # the network's total stride
+EVAL_RESIZE_RATIO = 288 / 256  # the official eval resize for 256 crops, scaled for other sizes
+
+
+def default_eval_resize(image_size: int) -> int:
+    """The official eval resize (shorter side) for a center crop of `image_size`: 288 for 256."""
+    return int(round(image_size * EVAL_RESIZE_RATIO))
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the k highest logits, per example."""
+    top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def _dataset(config: Config):
+    from mvit2_jax import data as data_lib
+
+    return data_lib, data_lib.DatasetSpec.from_config(config.data)
+
+
+class Classification:
+    name = "classification"
+    best_metric = "ema_top1"
+    head_prefixes = ("head",)
+
+    # ------------------------------------------------------------------------- configuration
+
+    def check_config(self, config: Config) -> None:
+        m, d = config.model, config.data
+        if not m.alpha > 0:
+            raise ConfigError(f"config.model.alpha must be > 0 (a width multiplier such as 1.0), got {m.alpha}")
+        try:
+            check_attention(m.attention)
+        except ConfigError as e:
+            raise ConfigError(f"config.model.{e}") from None
+        if m.dtype not in DTYPES:
+            raise ConfigError(f"config.model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}")
+        if m.kernels not in KERNELS:
+            raise ConfigError(f"config.model.kernels must be one of {KERNELS}, got {m.kernels!r}")
+        if d.image_size < MIN_IMAGE_SIZE:
+            raise ConfigError(f"config.data.image_size must be at least {MIN_IMAGE_SIZE} (the network's stride), got {d.image_size}")
+        if d.eval_resize_size < d.image_size:
+            raise ConfigError(f"config.data.eval_resize_size ({d.eval_resize_size}) must be >= config.data.image_size ({d.image_size})")
+        if d.num_classes < 1:
+            raise ConfigError(f"config.data.num_classes must be a positive integer, got {d.num_classes}")
+        if not 0 <= config.label_smoothing < 1:
+            raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
+
+    def check_data(self, config: Config, splits: Optional[Sequence[str]] = None) -> None:
+        data_lib, spec = _dataset(config)
+        if data_lib.is_folder_dataset(spec.name):
+            from mvit2_jax.data import folder
+
+            folder.check(spec.name, spec.folder)
+        for split in splits or (config.data.train_split, config.data.eval_split):
+            data_lib.check_split(spec, split)
+        names = self.class_names(config)
+        if names is not None and len(names) != config.data.num_classes:
+            raise DataError(
+                f"{spec.name} has {len(names)} classes: set config.data.num_classes={len(names)} (got {config.data.num_classes})"
+            )
+
+    def class_names(self, config: Config) -> Optional[List[str]]:
+        """The dataset's label names (recorded with checkpoints for predict), if it has them."""
+        data_lib, spec = _dataset(config)
+        return data_lib.class_names(spec)
+
+    def run_meta(self, config: Config) -> Dict[str, Any]:
+        size = config.data.image_size
+        return {
+            "image_size": [size, size],
+            "eval_resize_size": config.data.eval_resize_size,
+            "dataset": config.data.dataset,
+            "class_names": self.class_names(config),
+        }
+
+    # ------------------------------------------------------------------------- model
+
+    def model_config(self, config: Config) -> Dict[str, Any]:
+        return module_config(MobileViTv2(num_classes=config.data.num_classes, **config.model.to_dict()))
+
+    def create_model(self, model_config: Mapping[str, Any]) -> MobileViTv2:
+        return MobileViTv2(**model_config)
+
+    def init_inputs(self, config: Config) -> jax.Array:
+        size = config.data.image_size
+        return jnp.zeros((1, size, size, 3), jnp.float32)
+
+    def check_pretrained(self, source: Mapping[str, Any], config: Config, path: str) -> None:
+        for field in ("alpha", "attention"):
+            if source[field] != config.model[field]:
+                raise ConfigError(
+                    f"config.init_from={path} holds a {field}={source[field]!r} model but config.model.{field}={config.model[field]!r}: "
+                    f"set config.model.{field}={source[field]!r} or choose another checkpoint"
+                )
+
+    def config_from_checkpoint(self, config: Config, model_config: Mapping[str, Any]) -> Config:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            for field, value in model_config.items():
+                if field == "num_classes":
+                    config.data.num_classes = value
+                elif field in config.model:
+                    config.model[field] = value
+        return config
+
+    # ------------------------------------------------------------------------- input
+
+    def train_input(self, config: Config, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
+        data_lib, spec = _dataset(config)
+        d = config.data
+        aug = data_lib.TrainAugmentation(
+            crop_scale=tuple(d.crop_scale),
+            flip=d.flip,
+            randaugment=d.randaugment,
+            randaugment_ops=d.randaugment_ops,
+            randaugment_magnitude=d.randaugment_magnitude,
+            erasing_prob=d.erasing_prob,
+        )
+        stream = data_lib.labeled_train_stream(
+            spec,
+            d.train_split,
+            image_size=d.image_size,
+            augmentation=aug,
+            batch_size=config.batch_size // jax.process_count(),
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            shuffle_buffer=d.shuffle_buffer,
+        )
+        return data_lib.as_numpy(stream)
+
+    def eval_input(self, config: Config, split: Optional[str] = None) -> Iterator[Dict[str, np.ndarray]]:
+        data_lib, spec = _dataset(config)
+        d = config.data
+        batches = data_lib.labeled_eval_pass(
+            spec,
+            split or d.eval_split,
+            image_size=d.image_size,
+            resize_size=d.eval_resize_size,
+            batch_size=config.eval_batch_size // jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return data_lib.as_numpy(batches)
+
+    # ------------------------------------------------------------------------- in the steps
+
+    def inputs(self, batch: Mapping[str, Any]) -> jax.Array:
+        return batch["image"]
+
+    def prepare_batch(self, key: jax.Array, batch: Mapping[str, Any], config: Config) -> Tuple[jax.Array, jax.Array]:
+        from mvit2_jax.data.mixing import mix_batch
+
+        d = config.data
+        onehot = jax.nn.one_hot(batch["label"], d.num_classes)
+        return mix_batch(
+            key,
+            batch["image"],
+            onehot,
+            mixup_alpha=d.mixup_alpha,
+            cutmix_alpha=d.cutmix_alpha,
+            prob=d.mix_prob,
+            switch_prob=d.mix_switch_prob,
+            label_smoothing=config.label_smoothing,
+        )
+
+    def loss(self, outputs: jax.Array, targets: jax.Array, config: Config) -> jax.Array:
+        return optax.softmax_cross_entropy(outputs.astype(jnp.float32), targets).mean()
+
+    def train_metrics(self, outputs: jax.Array, batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
+        labels = batch["label"]
+        return {"top1": topk_correct(outputs, labels, 1).mean(), "top5": topk_correct(outputs, labels, 5).mean()}
+
+    def eval_sums(self, outputs: jax.Array, batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
+        mask, labels = batch["mask"], batch["label"]
+        logits = outputs.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {
+            "loss": (loss * mask).sum(),
+            "top1": (topk_correct(logits, labels, 1) * mask).sum(),
+            "top5": (topk_correct(logits, labels, 5) * mask).sum(),
+        }
+
+    def finalize(self, sums: Mapping[str, np.ndarray], count: float) -> Dict[str, float]:
+        return {k: float(v) / max(count, 1.0) for k, v in sums.items()}
+
+
+TASK = Classification()
