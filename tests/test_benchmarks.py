@@ -26,6 +26,7 @@ def _check_outputs(out, name, min_rows):
     return rows
 
 
+@pytest.mark.slow
 def test_attention_tiny(tmp_path):
     out = str(tmp_path)
     attention.main(["--tiny", "--out", out])
@@ -41,6 +42,7 @@ def test_attention_records_skips(tmp_path):
     assert all(r["skipped"].startswith("needs") and not r["ms"] for r in rows)
 
 
+@pytest.mark.slow
 def test_model_tiny_without_timm(tmp_path):
     out = str(tmp_path)
     model.main(["--tiny", "--out", out, "--timm-python", str(tmp_path / "no-such-python")])

@@ -26,8 +26,11 @@ from mvit2_jax.convert import (
     convert,
     convert_state_dict,
     load_state_dict,
+    path_to_timm_key,
+    timm_key_to_path,
 )
-from mvit2_jax.models import MobileViTv2
+from mvit2_jax.errors import ConfigError, DataError
+from mvit2_jax.models import VARIANTS, MobileViTv2
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -35,7 +38,6 @@ PARITY_WEIGHTS = FIXTURES / "mobilevitv2_050_parity.safetensors"
 PARITY_LOGITS = FIXTURES / "mobilevitv2_050_parity.npz"
 PARITY_SIZES = ("256", "224", "250x270")
 TOLERANCE = 1e-4
-STANDARD_ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 TRANSFORMER_DEPTHS = {2: 2, 3: 4, 4: 3}  # timm stage -> attention layers
 
 
@@ -79,25 +81,19 @@ def timm_to_cvnets(name: str) -> str:
 def fake_timm_state_dict(alpha: float, num_classes: int = 1000) -> Dict[str, np.ndarray]:
     """A timm-named state dict of zeros, built from the model's own variable shapes."""
     abstract = abstract_variables(MobileViTv2(alpha=alpha, num_classes=num_classes))
-    leaf_names = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
     state: Dict[str, np.ndarray] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        _, *modules, leaf_name = [p.key for p in path]
-        module = ".".join(modules)
-        module = re.sub(r"^stages_(\d+)_(\d+)", r"stages.\1.\2", module)
-        module = re.sub(r"\.transformer_(\d+)", r".transformer.\1", module)
-        module = re.sub(r"\.(fc1|fc2)$", r".mlp.\1", module)
-        module = re.sub(r"^head$", "head.fc", module)
+        key = path_to_timm_key(tuple(p.key for p in path))
         shape = tuple(leaf.shape)
-        if leaf_name == "kernel" and len(shape) == 4:  # HWIO -> OIHW
+        if len(shape) == 4:  # HWIO -> OIHW
             shape = (shape[3], shape[2], shape[0], shape[1])
-        elif leaf_name == "kernel" and module == "head.fc":  # Linear
+        elif key == "head.fc.weight":  # Linear
             shape = (shape[1], shape[0])
-        elif leaf_name == "kernel":  # 1x1 convs of the transformer
+        elif len(shape) == 2:  # 1x1 convs of the transformer
             shape = (shape[1], shape[0], 1, 1)
-        state[f"{module}.{leaf_names[leaf_name]}"] = np.zeros(shape, np.float32)
-        if leaf_name == "mean":
-            state[f"{module}.num_batches_tracked"] = np.zeros((), np.int64)
+        state[key] = np.zeros(shape, np.float32)
+        if key.endswith(".running_mean"):
+            state[key.replace("running_mean", "num_batches_tracked")] = np.zeros((), np.int64)
     return state
 
 
@@ -224,11 +220,11 @@ def test_code_running_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"stem.conv.weight": _CodeRunningPayload(str(marker))}, path)
-    with pytest.raises(ValueError, match="refusing to load") as info:
+    with pytest.raises(DataError, match="refusing to load") as info:
         load_state_dict(path)
     assert str(path) in str(info.value)
     assert not marker.exists()
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(DataError, match="refusing to load"):
         convert(path, tmp_path / "out")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
@@ -311,7 +307,18 @@ def test_missing_width_key(timm_weights):
 # --------------------------------------------------------------------------- (e) detection
 
 
-@pytest.mark.parametrize("alpha", STANDARD_ALPHAS)
+def test_the_name_table_goes_both_ways(timm_weights):
+    """Every key of a real timm state dict maps to a Flax path and back to itself."""
+    keys = [k for k in timm_weights if not k.endswith("num_batches_tracked")]
+    assert len(keys) == 269 - 25  # 25 BatchNorms each have a num_batches_tracked
+    for key in keys:
+        path = timm_key_to_path(key, timm_weights[key].ndim)
+        assert path[0] in ("params", "batch_stats") and path_to_timm_key(path) == key
+    assert timm_key_to_path("stages.2.1.transformer.0.mlp.fc1.weight", 4) == ("params", "stages_2_1", "transformer_0", "fc1", "kernel")
+    assert timm_key_to_path("head.fc.bias", 1) == ("params", "head", "bias")
+
+
+@pytest.mark.parametrize("alpha", sorted(VARIANTS))
 def test_alpha_detection(alpha):
     state = fake_timm_state_dict(alpha)
     assert len(state) == 269
@@ -357,7 +364,7 @@ def test_cli_converts_and_refuses_non_empty_destination(tmp_path, reference):
     assert_same_variables(load_model(str(dst))[1], reference[1])
 
     again = run_cli(str(PARITY_WEIGHTS), str(dst))
-    assert again.returncode != 0
+    assert again.returncode == 2
     assert "not an empty directory" in again.stderr and str(dst) in again.stderr
     assert "Traceback" not in again.stderr
 
@@ -365,7 +372,7 @@ def test_cli_converts_and_refuses_non_empty_destination(tmp_path, reference):
 def test_cli_bad_source(tmp_path):
     src = tmp_path / "no_such_checkpoint.safetensors"
     result = run_cli(str(src), str(tmp_path / "out"))
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "checkpoint not found" in result.stderr and str(src) in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -375,23 +382,23 @@ def test_api_refuses_non_empty_destination(tmp_path):
     dst = tmp_path / "taken"
     dst.mkdir()
     (dst / "file.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not an empty directory"):
+    with pytest.raises(ConfigError, match="not an empty directory"):
         convert(PARITY_WEIGHTS, dst)
     assert (dst / "file.txt").read_text() == "keep me"
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ConfigError):
         convert(PARITY_WEIGHTS, a_file)
 
 
 def test_api_bad_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(DataError, match="checkpoint not found"):
         convert(tmp_path / "missing.pt", tmp_path / "out")
-    with pytest.raises(ValueError, match="directory"):
+    with pytest.raises(DataError, match="directory"):
         load_state_dict(tmp_path)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.raises(DataError, match="safetensors"):
         load_state_dict(garbage)
 
 

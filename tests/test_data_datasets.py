@@ -3,19 +3,20 @@
 import pytest
 
 from mvit2_jax import data
-from mvit2_jax.data import datasets, digits
+from mvit2_jax.data import digits, sources
+from mvit2_jax.errors import DataError
 
 
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "tfds"  # shared by every test module of the session
-    data.check_dataset(digits.NAME, "train", str(path))
+    data.check_split(digits.NAME, "train", str(path))
     return str(path)
 
 
 def test_imagenet_not_prepared_says_where_the_manual_tars_go(tmp_path):
-    with pytest.raises(data.DatasetNotPreparedError) as info:
-        data.check_dataset("imagenet2012", "train", str(tmp_path))
+    with pytest.raises(data.DatasetNotPreparedError) as info:  # a DataError: one line, exit 2
+        data.check_split("imagenet2012", "train", str(tmp_path))
     message = str(info.value)
     assert "\n" not in message
     assert f"{tmp_path}/downloads/manual/" in message
@@ -24,17 +25,17 @@ def test_imagenet_not_prepared_says_where_the_manual_tars_go(tmp_path):
 
 def test_the_train_stream_fails_the_same_way_before_reading_anything(tmp_path):
     with pytest.raises(data.DatasetNotPreparedError, match="downloads/manual"):
-        data.train_dataset("imagenet2012", "train", batch_size=8, data_dir=str(tmp_path))
+        data.labeled_train_stream(data.DatasetSpec("imagenet2012", str(tmp_path)), "train", image_size=32, batch_size=8)
 
 
 def test_unknown_dataset_name_suggests_close_names(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown TFDS dataset 'imagenet2021'\. Did you mean imagenet2012"):
-        data.check_dataset("imagenet2021", "train", str(tmp_path))
+    with pytest.raises(DataError, match=r"Unknown TFDS dataset 'imagenet2021'\. Did you mean imagenet2012"):
+        data.check_split("imagenet2021", "train", str(tmp_path))
 
 
 def test_unknown_split_lists_the_available_ones(digits_dir):
-    with pytest.raises(ValueError, match=r"mvit2_digits has no split 'validation' \(available: train, test\)"):
-        data.check_dataset(digits.NAME, "validation", digits_dir)
+    with pytest.raises(DataError, match=r"mvit2_digits has no split 'validation' \(available: train, test\)"):
+        data.check_split(digits.NAME, "validation", digits_dir)
 
 
 def test_num_examples_understands_slices(digits_dir):
@@ -45,12 +46,12 @@ def test_num_examples_understands_slices(digits_dir):
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_process_shares_are_disjoint_and_cover_the_split(digits_dir, count):
     sizes = [
-        int(data.load_split(digits.NAME, datasets.process_split("test[:101]", i, count), digits_dir).cardinality())
+        int(data.load_split(digits.NAME, sources.process_split("test[:101]", i, count), digits_dir).cardinality())
         for i in range(count)
     ]
     assert sum(sizes) == 101 and max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="process_index"):
-        datasets.process_split("test", count, count)
+        sources.process_split("test", count, count)
 
 
 def test_step_counts():

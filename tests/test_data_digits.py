@@ -13,7 +13,7 @@ from mvit2_jax.data import digits
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "tfds"  # shared by every test module of the session
-    data.check_dataset(digits.NAME, "train", str(path))  # prepares on first use
+    data.check_split(digits.NAME, "train", str(path))  # prepares on first use
     return str(path)
 
 

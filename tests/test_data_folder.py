@@ -10,7 +10,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mvit2_jax import data
-from mvit2_jax.data import datasets, digits, folder
+from mvit2_jax.data import digits, folder
+from mvit2_jax.errors import ConfigError, DataError
 
 NO_AUGMENTATION = data.TrainAugmentation(
     crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False, randaugment=False, erasing_prob=0.0
@@ -38,8 +39,16 @@ def _text(path, content="hello\n"):
         f.write(content)
 
 
-def _examples(root, split, data_dir):
-    ds = data.load_split(root, split, data_dir, decoders={"image": tfds.decode.SkipDecoding()})
+def spec(root, data_dir, **options):
+    """The folder at `root` as a dataset, with folder options (what config.data gives a run)."""
+    return data.DatasetSpec(root, data_dir, data.FolderOptions(**options))
+
+
+ABC = {"val_fraction": 0.2, "seed": 0}  # the class_folders fixture's options
+
+
+def _examples(dataset, split):
+    ds = data.load_split(dataset, split, decoders={"image": tfds.decode.SkipDecoding()})
     return [
         {k: (v.decode() if isinstance(v, bytes) and k == "file_name" else v) for k, v in ex.items()}
         for ex in tfds.as_numpy(ds)
@@ -72,36 +81,37 @@ def class_folders(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("abc"))
     for name, count in [("a", 20), ("b", 10), ("c", 3)]:
         _images(f"{root}/{name}", count)
-    data.configure_folder(root, val_fraction=0.2, seed=0)
     return root
 
 
 def test_split_folders_are_the_splits_and_sorted_class_folders_the_labels(split_folders, tfds_dir):
-    builder = datasets.get_builder(split_folders, tfds_dir)
+    pets = spec(split_folders, tfds_dir)
+    builder = data.get_builder(pets)
     assert builder.name.startswith("folder_")
-    assert data.class_names(split_folders, tfds_dir) == ["cat", "dog", "eel"]
-    assert data.num_examples(split_folders, "train", tfds_dir) == 11
-    assert data.num_examples(split_folders, "val", tfds_dir) == 3
-    assert set(datasets.get_builder(split_folders, tfds_dir).info.splits) == {"train", "val"}
+    assert data.class_names(pets) == ["cat", "dog", "eel"]
+    assert data.num_examples(pets, "train") == 11
+    assert data.num_examples(pets, "val") == 3
+    assert set(data.get_builder(pets).info.splits) == {"train", "val"}
     for split in ("train", "val"):
-        for ex in _examples(split_folders, split, tfds_dir):
+        for ex in _examples(pets, split):
             assert ex["file_name"].split("/")[:2] == [split, ["cat", "dog", "eel"][ex["label"]]]
-    assert "train/cat/more/extra.JPEG" in {ex["file_name"] for ex in _examples(split_folders, "train", tfds_dir)}
-    assert data.skipped_files(split_folders, tfds_dir) == {}
-    with pytest.raises(ValueError, match=r"has no split 'validation' \(available: train, val\)"):
-        data.check_dataset(split_folders, "validation", tfds_dir)
+    assert "train/cat/more/extra.JPEG" in {ex["file_name"] for ex in _examples(pets, "train")}
+    assert data.skipped_files(pets) == {}
+    with pytest.raises(DataError, match=r"has no split 'validation' \(available: train, val\)"):
+        data.check_split(pets, "validation")
 
 
 def test_images_are_stored_as_the_original_file_bytes(split_folders, tfds_dir):
-    for ex in _examples(split_folders, "train", tfds_dir):
+    for ex in _examples(spec(split_folders, tfds_dir), "train"):
         with open(os.path.join(split_folders, ex["file_name"]), "rb") as f:
             assert ex["image"] == f.read()  # JPEGs stay JPEGs: the fused decode-and-crop applies
 
 
 def test_class_folders_alone_get_a_stratified_train_validation_split(class_folders, tfds_dir):
-    assert data.class_names(class_folders, tfds_dir) == ["a", "b", "c"]
-    train = _examples(class_folders, "train", tfds_dir)
-    validation = _examples(class_folders, "validation", tfds_dir)
+    abc = spec(class_folders, tfds_dir, **ABC)
+    assert data.class_names(abc) == ["a", "b", "c"]
+    train = _examples(abc, "train")
+    validation = _examples(abc, "validation")
     assert (len(train), len(validation)) == (26, 7)
     assert collections.Counter(ex["label"] for ex in validation) == {0: 4, 1: 2, 2: 1}
     train_files = {ex["file_name"] for ex in train}
@@ -130,14 +140,12 @@ def test_other_options_or_other_files_prepare_another_copy(tmp_path, tfds_dir):
     root = str(tmp_path / "grow")
     _images(f"{root}/a", 10)
     _images(f"{root}/b", 10)
-    first = datasets.get_builder(root, tfds_dir).name
+    first = data.get_builder(root, tfds_dir).name
     assert data.num_examples(root, "validation", tfds_dir) == 2
-    data.configure_folder(root, seed=1)
-    assert datasets.get_builder(root, tfds_dir).name != first
-    data.configure_folder(root)
-    assert datasets.get_builder(root, tfds_dir).name == first
+    assert data.get_builder(spec(root, tfds_dir, seed=1)).name != first
+    assert data.get_builder(spec(root, tfds_dir)).name == first  # the default options again
     _images(f"{root}/c", 10)
-    assert datasets.get_builder(root, tfds_dir).name != first
+    assert data.get_builder(root, tfds_dir).name != first
     assert data.num_examples(root, "train", tfds_dir) + data.num_examples(root, "validation", tfds_dir) == 30
 
 
@@ -168,11 +176,12 @@ def test_bad_files_are_skipped_logged_and_recorded(with_bad_files, tfds_dir):
 def test_bad_files_fail_preparation_with_on_bad_file_error(with_bad_files, tfds_dir, bad):
     for other in {"broken.jpg", "x.jpg", "notes.txt"} - {bad}:
         os.remove(f"{with_bad_files}/train/cat/{other}")
-    data.configure_folder(with_bad_files, on_bad_file="error")
+    strict = spec(with_bad_files, tfds_dir, on_bad_file="error")
     with pytest.raises(data.BadImageError) as info:
-        data.check_dataset(with_bad_files, "train", tfds_dir)
+        data.check_split(strict, "train")
     assert str(info.value).startswith(f"{with_bad_files}/train/cat/{bad}: ") and "\n" not in str(info.value)
-    assert not datasets.get_builder(with_bad_files, tfds_dir).is_prepared()
+    assert isinstance(info.value, DataError)
+    assert not data.get_builder(strict).is_prepared()
 
 
 def _mixed(root):
@@ -217,23 +226,23 @@ def test_unusable_folders_fail_with_one_line_saying_what_to_change(tmp_path, tfd
         make(root)
     name = str(tmp_path / path) if path else root
     with pytest.raises(folder.FolderError, match=message) as info:
-        data.check_dataset(name, "val", tfds_dir)
-    assert "\n" not in str(info.value)
+        data.check_split(name, "val", tfds_dir)
+    assert "\n" not in str(info.value) and isinstance(info.value, DataError)
 
 
 @pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1])
-def test_validation_fraction_must_be_in_the_open_unit_interval(class_folders, fraction):
-    with pytest.raises(folder.FolderError, match=r"must be in \(0, 1\)"):
-        data.configure_folder(class_folders, val_fraction=fraction)
+def test_validation_fraction_must_be_in_the_open_unit_interval(fraction):
+    with pytest.raises(ConfigError, match=r"config.data.folder_val_fraction\) must be in \(0, 1\)"):
+        data.FolderOptions(val_fraction=fraction)
 
 
 def test_names_that_are_not_folders_still_go_to_tfds(tmp_path):
     assert not data.is_folder_dataset("imagenette/320px-v2") and not data.is_folder_dataset("cifar10")
     assert data.is_folder_dataset("~/pets") and data.is_folder_dataset("./pets")
     with pytest.raises(
-        ValueError, match=r"Unknown TFDS dataset 'no/such_thing'\..* No directory \S+/no/such_thing exists"
+        DataError, match=r"Unknown TFDS dataset 'no/such_thing'\..* No directory \S+/no/such_thing exists"
     ):
-        datasets.get_builder("no/such_thing", str(tmp_path))
+        data.get_builder("no/such_thing", str(tmp_path))
 
 
 def test_class_names_of_tfds_datasets_without_preparing_them(tmp_path):
@@ -243,9 +252,8 @@ def test_class_names_of_tfds_datasets_without_preparing_them(tmp_path):
 
 
 def test_train_and_eval_streams_run_on_a_folder(class_folders, tfds_dir):
-    it = data.train_iterator(
-        class_folders, "train", batch_size=8, image_size=16, data_dir=tfds_dir, augmentation=NO_AUGMENTATION
-    )
+    abc = spec(class_folders, tfds_dir, **ABC)
+    it = data.as_numpy(data.labeled_train_stream(abc, "train", batch_size=8, image_size=16, augmentation=NO_AUGMENTATION))
     batches = [next(it) for _ in range(4)]  # 3 steps per epoch: into the second epoch
     assert batches[0]["image"].shape == (8, 16, 16, 3) and batches[0]["label"].shape == (8,)
     assert all(set(b["label"]) <= {0, 1, 2} for b in batches)
@@ -258,10 +266,10 @@ def test_train_and_eval_streams_run_on_a_folder(class_folders, tfds_dir):
             if mask
         )
 
-    kwargs = {"batch_size": 3, "image_size": 16, "resize_size": 16, "data_dir": tfds_dir}
-    whole = list(data.eval_iterator(class_folders, "validation", **kwargs))
+    kwargs = {"batch_size": 3, "image_size": 16, "resize_size": 16}
+    whole = list(data.as_numpy(data.labeled_eval_pass(abc, "validation", **kwargs)))
     shares = [
-        list(data.eval_iterator(class_folders, "validation", process_index=i, process_count=2, **kwargs))
+        list(data.as_numpy(data.labeled_eval_pass(abc, "validation", process_index=i, process_count=2, **kwargs)))
         for i in range(2)
     ]
     assert [b["mask"].sum() for b in whole] == [3, 3, 1]

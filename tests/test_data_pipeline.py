@@ -32,13 +32,21 @@ def stream():
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "tfds"  # shared by every test module of the session
-    data.check_dataset(digits.NAME, "train", str(path))
+    data.check_split(digits.NAME, "train", str(path))
     return str(path)
+
+
+def train_iterator(dataset, split, data_dir=None, **kwargs):
+    return data.as_numpy(data.labeled_train_stream(data.DatasetSpec(dataset, data_dir), split, **kwargs))
+
+
+def eval_iterator(dataset, split, data_dir=None, **kwargs):
+    return data.as_numpy(data.labeled_eval_pass(data.DatasetSpec(dataset, data_dir), split, **kwargs))
 
 
 def _train(n, **kwargs):
     kwargs = {"batch_size": 8, "image_size": 32, **kwargs}
-    it = data.train_iterator("imagenet2012", "train", **kwargs)
+    it = train_iterator("imagenet2012", "train", **kwargs)
     return [next(it) for _ in range(n)]
 
 
@@ -87,7 +95,7 @@ def test_each_epoch_visits_every_example_once_in_a_new_order(stream):
 
 
 def test_eval_batches_are_padded_with_masked_examples(mock_imagenet):
-    batches = list(data.eval_iterator("imagenet2012", "validation", batch_size=16, image_size=64, resize_size=72))
+    batches = list(eval_iterator("imagenet2012", "validation", batch_size=16, image_size=64, resize_size=72))
     assert [b["mask"].sum() for b in batches] == [16, 16, 8]
     last = batches[-1]
     assert last["image"].shape == (16, 64, 64, 3) and last["mask"].dtype == np.float32
@@ -98,11 +106,11 @@ def test_eval_batches_are_padded_with_masked_examples(mock_imagenet):
 @pytest.mark.parametrize("split,batch_size", [("test[:97]", 16), ("test", 64)])
 def test_eval_sees_every_example_exactly_once_on_any_number_of_processes(digits_dir, split, batch_size):
     kwargs = {"batch_size": batch_size, "image_size": 16, "resize_size": 16, "data_dir": digits_dir}
-    whole = list(data.eval_iterator(digits.NAME, split, **kwargs))
+    whole = list(eval_iterator(digits.NAME, split, **kwargs))
     shares = [
-        list(data.eval_iterator(digits.NAME, split, process_index=i, process_count=2, **kwargs)) for i in range(2)
+        list(eval_iterator(digits.NAME, split, process_index=i, process_count=2, **kwargs)) for i in range(2)
     ]
-    n = data.num_examples(digits.NAME, split, digits_dir)
+    n = data.num_examples(data.DatasetSpec(digits.NAME, digits_dir), split)
     assert len(shares[0]) == len(shares[1]) == data.eval_steps(n, batch_size, 2)
     assert sum(b["mask"].sum() for share in shares for b in share) == n
     assert _fingerprints(shares[0]) + _fingerprints(shares[1]) == _fingerprints(whole)
@@ -112,7 +120,7 @@ def test_eval_sees_every_example_exactly_once_on_any_number_of_processes(digits_
 
 def test_digits_train_at_32_pixels_with_a_quickstart_augmentation(digits_dir):
     quickstart = data.TrainAugmentation(crop_scale=(0.35, 1.0), flip=False, randaugment=False)
-    it = data.train_iterator(
+    it = train_iterator(
         digits.NAME, "train", batch_size=32, image_size=32, data_dir=digits_dir, augmentation=quickstart
     )
     batch = next(it)
@@ -122,11 +130,11 @@ def test_digits_train_at_32_pixels_with_a_quickstart_augmentation(digits_dir):
 
 def test_train_processes_read_disjoint_shares(digits_dir):
     kwargs = {"batch_size": 32, "image_size": 16, "data_dir": digits_dir}
-    every_example = _fingerprints(data.eval_iterator(digits.NAME, "train", resize_size=16, **kwargs))
+    every_example = _fingerprints(eval_iterator(digits.NAME, "train", resize_size=16, **kwargs))
     steps = data.steps_per_epoch(1437, 64)
     epoch = collections.Counter()
     for i in range(2):
-        it = data.train_iterator(
+        it = train_iterator(
             digits.NAME, "train", process_index=i, process_count=2, augmentation=NO_AUGMENTATION, **kwargs
         )
         epoch += _fingerprints(next(it) for _ in range(steps))

@@ -1,4 +1,7 @@
-"""Specification of the MobileViTv2 modules: widths, parameter counts, shapes, equations."""
+"""Specification of the model family: widths, parameter counts, the backbone's features and
+dilation, the kernel switch, the attention registry, shapes and equations."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -6,24 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mvit2_jax.errors import ConfigError
 from mvit2_jax.models import (
+    ATTENTION,
+    VARIANTS,
     MobileViTv2,
+    MobileViTv2Backbone,
     MobileViTv2Block,
     SeparableSelfAttention,
+    attention_factory,
     widths_for,
 )
-from mvit2_jax.models.layers import Conv, ConvBN, align_corners_matrix, batch_norm_act_train, resize_bilinear_align_corners
+from mvit2_jax.models.kernels import batch_norm_act_train
+from mvit2_jax.models.layers import Conv, ConvBN, align_corners_matrix, resize_bilinear_align_corners
 from mvit2_jax.models.mobilevitv2 import fold, unfold
 
-REFERENCE = {  # alpha: (stem, l1, l2, l3, l4, l5, d3, d4, d5, params)
-    0.5: (16, 32, 64, 128, 192, 256, 64, 96, 128, 1_370_593),
-    0.75: (24, 48, 96, 192, 288, 384, 96, 144, 192, 2_866_009),
-    1.0: (32, 64, 128, 256, 384, 512, 128, 192, 256, 4_901_841),
-    1.25: (40, 80, 160, 320, 480, 640, 160, 240, 320, 7_478_089),
-    1.5: (48, 96, 192, 384, 576, 768, 192, 288, 384, 10_594_753),
-    1.75: (56, 112, 224, 448, 672, 896, 224, 336, 448, 14_251_833),
-    2.0: (64, 128, 256, 512, 768, 1024, 256, 384, 512, 18_449_329),
-}
+SEPARABLE = attention_factory("separable")
 
 
 def n_params(tree) -> int:
@@ -34,13 +35,12 @@ def abstract_init(model, shape=(1, 256, 256, 3)):
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
-@pytest.mark.parametrize("alpha", sorted(REFERENCE))
+@pytest.mark.parametrize("alpha", sorted(VARIANTS))
 def test_widths_and_exact_parameter_count(alpha):
-    w = widths_for(alpha)
-    *widths, params = REFERENCE[alpha]
-    assert (w.stem, *w.stages, *w.attn_dims) == tuple(widths)
+    variant = VARIANTS[alpha]
+    assert widths_for(alpha) == variant.widths
     variables = abstract_init(MobileViTv2(alpha=alpha))
-    assert n_params(variables["params"]) == params
+    assert n_params(variables["params"]) == variant.params
     assert set(variables) == {"params", "batch_stats"}
 
 
@@ -56,35 +56,36 @@ def test_any_width_and_class_count():
         (dict(alpha=-1.0), "alpha"),
         (dict(attention="performer"), "attention"),
         (dict(dtype="float16"), "dtype"),
+        (dict(kernels="xla"), "kernels"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         abstract_init(MobileViTv2(**kwargs), (1, 64, 64, 3))
 
 
 def test_images_must_be_nhwc_rgb():
-    with pytest.raises(ValueError, match=r"\[batch, height, width, 3\]"):
+    with pytest.raises(ConfigError, match=r"\[batch, height, width, 3\]"):
         abstract_init(MobileViTv2(alpha=0.5), (1, 3, 64, 64))
 
 
 @pytest.fixture(scope="module")
-def small_model():
+def small_model(quick_init):
     """alpha 0.5, 10 classes, initialized at 64x64, with a jitted eval apply."""
     model = MobileViTv2(alpha=0.5, num_classes=10)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 64, 64, 3)))
+    variables = quick_init(model, jnp.zeros((2, 64, 64, 3)))
     return model, variables, jax.jit(lambda v, x: model.apply(v, x))
 
 
 @pytest.mark.parametrize("attention", ["separable", "mha", "linformer"])
 def test_three_attention_units_fit_the_same_block(attention):
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 32))
-    block = MobileViTv2Block(features=32, attn_dim=16, depth=2, attention=attention, linformer_proj_len=4)
+    block = MobileViTv2Block(features=32, attn_dim=16, depth=2, attention=attention_factory(attention, proj_len=4))
     variables = jax.jit(lambda k, x: block.init(k, x, False))(jax.random.key(2), x)
     out = jax.jit(lambda v, x: block.apply(v, x, False))(variables, x)
     assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
     # Outside the attention unit, every parameter has the same shape for all three units.
-    reference = MobileViTv2Block(features=32, attn_dim=16, depth=2)
+    reference = MobileViTv2Block(features=32, attn_dim=16, depth=2, attention=SEPARABLE)
     ref_vars = jax.eval_shape(lambda k, x: reference.init(k, x, False), jax.random.key(2), x)
 
     def backbone(tree):
@@ -117,6 +118,7 @@ def test_bfloat16_compute_keeps_float32_params(small_model):
     np.testing.assert_allclose(out, ref, atol=0.15 * float(jnp.abs(ref).max()) + 1e-2)
 
 
+@pytest.mark.slow
 def test_dropout_and_stochastic_depth_are_configurable(small_model):
     _, variables, apply_plain = small_model
     images = jax.random.uniform(jax.random.key(4), (2, 64, 64, 3))
@@ -209,7 +211,7 @@ def test_resize_is_bilinear_with_aligned_corners():
 
 
 def test_block_resizes_odd_maps_up_and_not_back():
-    block = MobileViTv2Block(features=16, attn_dim=8, depth=1)
+    block = MobileViTv2Block(features=16, attn_dim=8, depth=1, attention=SEPARABLE)
     x = jax.random.normal(jax.random.key(11), (1, 7, 9, 16))
     variables = block.init(jax.random.key(12), x, False)
     out = block.apply(variables, x, False)
@@ -225,32 +227,44 @@ def test_model_accepts_sizes_not_divisible_by_32(small_model):
     assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
 
 
-@pytest.mark.parametrize("stride, groups", [(1, 8), (2, 8), (2, 1), (1, 1)])
-def test_conv_implementations_agree(stride, groups):
-    x = jax.random.normal(jax.random.key(14), (2, 9, 10, 8))
-    k = 3 if groups > 1 or stride > 1 else 1
-    conv = Conv(8, k, stride, groups)
-    variables = conv.init(jax.random.key(15), x)
-    xla = Conv(8, k, stride, groups, impl="xla").apply(variables, x)
-    unrolled = Conv(8, k, stride, groups, impl="unrolled").apply(variables, x)
-    assert xla.shape == unrolled.shape == (2, (9 + 2 * (k // 2) - k) // stride + 1, (10 + 2 * (k // 2) - k) // stride + 1, 8)
-    np.testing.assert_allclose(xla, unrolled, atol=1e-5)
+def library_conv(x, kernel, stride, dilation, groups):
+    """PyTorch's Conv2d(padding=((k-1)//2)*dilation) through lax, the reference for both paths."""
+    pad = (kernel.shape[0] - 1) // 2 * dilation
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_conv_implementations_have_the_same_gradients(stride):
-    x = jax.random.normal(jax.random.key(16), (2, 9, 10, 8))
-    variables = Conv(8, 3, stride, 8).init(jax.random.key(17), x)
+@pytest.mark.parametrize("stride, groups, dilation", [(1, 8, 1), (2, 8, 1), (2, 1, 1), (1, 1, 1), (1, 8, 2), (1, 8, 4), (2, 8, 2), (1, 1, 2)])
+def test_conv_implementations_agree_with_the_library_convolution(stride, groups, dilation):
+    x = jax.random.normal(jax.random.key(14), (2, 11, 10, 8))
+    k = 3 if groups > 1 or stride > 1 or dilation > 1 else 1
+    conv = functools.partial(Conv, 8, k, stride, groups, dilation)
+    variables = conv().init(jax.random.key(15), x)
+    expected = library_conv(x, variables["params"]["kernel"], stride, dilation, groups)
+    pad = (k - 1) // 2 * dilation
+    out_shape = (2, (11 + 2 * pad - dilation * (k - 1) - 1) // stride + 1, (10 + 2 * pad - dilation * (k - 1) - 1) // stride + 1, 8)
+    for kernels in ("portable", "cpu"):
+        y = conv(kernels=kernels).apply(variables, x)
+        assert y.shape == expected.shape == out_shape
+        np.testing.assert_allclose(y, expected, atol=1e-5, err_msg=kernels)
 
-    def grads(impl):
-        def loss(v, x):
-            return jnp.sum(jnp.sin(Conv(8, 3, stride, 8, impl=impl).apply(v, x)))
 
-        return jax.grad(loss, argnums=(0, 1))(variables, x)
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2), (1, 4), (2, 2)])
+def test_cpu_depthwise_kernel_has_the_library_gradients(stride, dilation):
+    x = jax.random.normal(jax.random.key(16), (2, 11, 10, 8))
+    variables = Conv(8, 3, stride, 8, dilation).init(jax.random.key(17), x)
 
-    (gv_xla, gx_xla), (gv_unrolled, gx_unrolled) = grads("xla"), grads("unrolled")
-    np.testing.assert_allclose(gx_unrolled, gx_xla, atol=1e-5)
-    np.testing.assert_allclose(gv_unrolled["params"]["kernel"], gv_xla["params"]["kernel"], atol=1e-4)
+    def loss(kernel, x, conv):
+        return jnp.sum(jnp.sin(conv(x, kernel)))
+
+    cpu = lambda x, kernel: Conv(8, 3, stride, 8, dilation, kernels="cpu").apply({"params": {"kernel": kernel}}, x)  # noqa: E731
+    lib = lambda x, kernel: library_conv(x, kernel, stride, dilation, 8)  # noqa: E731
+    kernel = variables["params"]["kernel"]
+    g_cpu = jax.grad(loss, argnums=(0, 1))(kernel, x, cpu)
+    g_lib = jax.grad(loss, argnums=(0, 1))(kernel, x, lib)
+    np.testing.assert_allclose(g_cpu[1], g_lib[1], atol=1e-5)
+    np.testing.assert_allclose(g_cpu[0], g_lib[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("act", [True, False])
@@ -258,7 +272,7 @@ def test_fused_batch_norm_equals_flax_batch_norm(act):
     """The CPU path's BatchNormAct (hand-written backward) against nn.BatchNorm + nn.silu:
     the same variables, outputs, running statistics and gradients, in training and eval mode."""
     x = 3.0 * jax.random.normal(jax.random.key(18), (4, 6, 5, 8)) + 1.0
-    fused, library = (ConvBN(8, 3, 1, 8, act=act, conv_impl=impl) for impl in ("unrolled", "xla"))
+    fused, library = (ConvBN(8, 3, 1, 8, act="silu" if act else None, kernels=k) for k in ("cpu", "portable"))
     variables = fused.init(jax.random.key(19), x, True)
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, library.init(jax.random.key(19), x, True))
     # Non-trivial scale, bias and running statistics.
@@ -306,7 +320,7 @@ def test_mha_heads_are_configurable():
     variables = abstract_init(MobileViTv2(alpha=0.5, attention="mha", num_heads=8), x.shape)
     qkv = variables["params"]["stages_2_1"]["transformer_0"]["attn"]["mha"]["query"]["kernel"]
     assert qkv.shape == (64, 8, 8)
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ConfigError, match="num_heads"):
         abstract_init(MobileViTv2(alpha=0.5, attention="mha", num_heads=5), x.shape)
 
 
@@ -315,3 +329,114 @@ def test_linformer_projects_tokens_to_fixed_length():
     attn = variables["params"]["stages_2_1"]["transformer_0"]["attn"]
     # 64x64 input: layer3 runs at 8x8, so N = 16 patches of 2x2.
     assert attn["proj_k"].shape == attn["proj_v"].shape == (16, 16)
+
+
+# ----------------------------------------------------------------------------- the backbone
+
+
+@pytest.mark.parametrize("output_stride, strides", [
+    (32, (2, 2, 4, 8, 16, 32)), (16, (2, 2, 4, 8, 16, 16)), (8, (2, 2, 4, 8, 8, 8)),
+])
+def test_backbone_features_at_each_output_stride(output_stride, strides):
+    backbone = MobileViTv2Backbone(alpha=0.5, output_stride=output_stride)
+    variables = abstract_init(backbone, (2, 128, 64, 3))
+    features = jax.eval_shape(lambda v, x: backbone.apply(v, x), variables, jax.ShapeDtypeStruct((2, 128, 64, 3), jnp.float32))
+    w = widths_for(0.5)
+    names = ["stem", "layer1", "layer2", "layer3", "layer4", "layer5"]
+    assert sorted(features) == sorted(names)
+    for name, stride, channels in zip(names, strides, (w.stem, *w.stages)):
+        assert features[name].shape == (2, 128 // stride, 64 // stride, channels), name
+    # Dilation changes no parameter: the classifier's checkpoint serves every output stride.
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, abstract_init(MobileViTv2Backbone(alpha=0.5), (2, 128, 64, 3)))
+
+
+def conv_layout(module, shape=(1, 64, 64, 3)):
+    """{conv path: (kernel size, stride, dilation)} of every 3x3 conv a module calls."""
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if isinstance(m, Conv) and context.method_name == "__call__" and m.kernel_size == 3:
+            found["/".join(m.scope.path)] = (m.strides, m.dilation)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        abstract_init(module, shape)
+    return found
+
+
+def test_dilated_stages_follow_the_official_code():
+    """cvnets _make_mit_layer: a dilated stage's stride-2 block runs at stride 1 with the
+    previous dilation; its MobileViTv2 block's local 3x3 conv takes the doubled dilation."""
+    expected = {
+        32: {"stages_2_0": (2, 1), "stages_2_1": (1, 1), "stages_3_0": (2, 1), "stages_3_1": (1, 1), "stages_4_0": (2, 1), "stages_4_1": (1, 1)},
+        16: {"stages_2_0": (2, 1), "stages_2_1": (1, 1), "stages_3_0": (2, 1), "stages_3_1": (1, 1), "stages_4_0": (1, 1), "stages_4_1": (1, 2)},
+        8: {"stages_2_0": (2, 1), "stages_2_1": (1, 1), "stages_3_0": (1, 1), "stages_3_1": (1, 2), "stages_4_0": (1, 2), "stages_4_1": (1, 4)},
+    }
+    for output_stride, stages in expected.items():
+        layout = conv_layout(MobileViTv2Backbone(alpha=0.5, output_stride=output_stride))
+        for stage, value in stages.items():
+            path = f"{stage}/conv2_kxk/conv" if stage.endswith("_0") else f"{stage}/conv_kxk/conv"
+            assert layout[path] == value, (output_stride, path)
+        assert layout["stem/conv"] == (2, 1) and layout["stages_1_0/conv2_kxk/conv"] == (2, 1)
+    with pytest.raises(ConfigError, match="output_stride must be one of"):
+        abstract_init(MobileViTv2Backbone(alpha=0.5, output_stride=4))
+
+
+@pytest.mark.slow
+def test_dilated_backbone_runs_the_same_on_both_kernel_paths(quick_init):
+    x = jax.random.uniform(jax.random.key(30), (2, 64, 64, 3))
+    backbone = MobileViTv2Backbone(alpha=0.5, output_stride=8)
+    variables = quick_init(backbone, x, seed=31)
+    apply = {k: jax.jit(lambda v, x, k=k: backbone.clone(kernels=k).apply(v, x)) for k in ("cpu", "portable")}
+    cpu, portable = apply["cpu"](variables, x), apply["portable"](variables, x)
+    for name in cpu:
+        np.testing.assert_allclose(cpu[name], portable[name], atol=2e-4, err_msg=name)
+
+
+def test_classifier_is_the_backbone_and_a_head(small_model):
+    model, variables, apply = small_model
+    x = jax.random.uniform(jax.random.key(32), (2, 64, 64, 3))
+    features = jax.jit(MobileViTv2Backbone(alpha=0.5).apply)(variables, x)["layer5"]
+    head = variables["params"]["head"]
+    expected = jnp.mean(features, axis=(1, 2)) @ head["kernel"] + head["bias"]
+    np.testing.assert_allclose(apply(variables, x), expected, atol=1e-5)
+    assert "backbone" not in variables["params"]  # the backbone shares the classifier's scope
+
+
+# ----------------------------------------------------------------------------- kernel switch, attention registry
+
+
+def custom_kernels_in(model, shape=(2, 64, 64, 3)):
+    """How many hand-written (custom_vjp) kernels a train-mode forward pass calls."""
+    x = jnp.zeros(shape)
+    variables = abstract_init(model, shape)
+
+    def loss(params, batch_stats):
+        out, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(out)
+
+    text = str(jax.make_jaxpr(loss)(variables["params"], variables["batch_stats"]))
+    return text.count("custom_vjp_call[")
+
+
+def test_one_kernel_switch_for_every_layer():
+    """"portable" runs library ops only (convs, dense layers, norms alike); "cpu" runs the CPU
+    kernels in every conv, dense layer and BatchNorm that has one."""
+    assert custom_kernels_in(MobileViTv2(alpha=0.5, num_classes=10, kernels="portable")) == 0
+    cpu = custom_kernels_in(MobileViTv2(alpha=0.5, num_classes=10, kernels="cpu"))
+    # 9 depthwise convs (6 MV2 blocks, 3 MobileViTv2 blocks), 18 1x1 convs (2 per MV2 block,
+    # 2 per MobileViTv2 block), 9 x 4 transformer dense layers and the head, 25 BatchNorms
+    # (every ConvBN); the stem's full 3x3 conv has no CPU kernel.
+    assert cpu == 9 + 18 + (9 * 4 + 1) + 25
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_attention_registry_builds_each_unit(name):
+    unit = attention_factory(name, num_heads=2, proj_len=4)(16)
+    assert isinstance(unit, ATTENTION[name].unit)
+    x = jax.random.normal(jax.random.key(33), (1, 4, 8, 16))
+    y = unit.apply(unit.init(jax.random.key(34), x), x)
+    assert y.shape == x.shape
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        attention_factory("performer")

@@ -11,9 +11,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from experiments import quickstart
 from mvit2_jax.checkpoint import read_config
-from test_train import subprocess_env
-from train_config import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab.ipynb"
@@ -28,7 +27,7 @@ def test_notebook_is_valid_and_stored_without_outputs():
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, subprocess_env):
     workdir = tmp_path_factory.mktemp("notebook")
     env = subprocess_env(1)
     env.update(MVIT2_NOTEBOOK_SMOKE="1", MVIT2_NOTEBOOK_WORKDIR=str(workdir), MPLBACKEND="agg")
@@ -38,6 +37,7 @@ def executed(tmp_path_factory):
     return nb, workdir
 
 
+@pytest.mark.slow
 def test_notebook_runs_in_reduced_mode_and_saves_the_curves(executed):
     nb, workdir = executed
     curves = workdir / "training_curves.png"
@@ -49,11 +49,12 @@ def test_notebook_runs_in_reduced_mode_and_saves_the_curves(executed):
     assert "test top-1:" in text and "digit_0.png: true" in text
 
 
-def test_notebook_fine_tunes_with_the_training_tests_config(executed):
-    """The same config as tests/train_config.py, so the compiled steps are shared through the cache."""
+@pytest.mark.slow
+def test_notebook_fine_tunes_with_the_smoke_config(executed):
+    """experiments/quickstart.py:smoke, as the training tests, so the compiled steps are shared through the cache."""
     _, workdir = executed
     recorded = read_config(str(workdir / "finetune_digits"))[0]["config"]
-    expected = small_config(train_split="train[:192]", eval_split="test[:100]").to_dict()
+    expected = quickstart.get_config("smoke").to_dict()
     assert recorded["init_from"] == str(workdir / "mobilevitv2_050_in1k")
     recorded.pop("init_from"), expected.pop("init_from")  # loaded into the state: not part of any compiled program
     assert recorded == json.loads(json.dumps(expected))  # (JSON turns tuples into lists)

@@ -1,4 +1,4 @@
-"""`python -m mvit2_jax.predict`: official preprocessing, top-5 ImageNet names, bad files."""
+"""`python -m mvit2_jax.predict`: the eval pipeline's preprocessing, top-5 ImageNet names, bad files."""
 
 import subprocess
 import sys
@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mvit2_jax.convert import convert
-from mvit2_jax.predict import imagenet_class_names, load_image, predict
+from mvit2_jax import data, load_model
+from mvit2_jax.predict import classify, imagenet_class_names, load_image, load_images, predict
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mobilevitv2_050_parity.safetensors"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return convert(str(FIXTURE), str(tmp_path_factory.mktemp("ckpt") / "mobilevitv2_050"))
+def checkpoint(converted_050):
+    return converted_050
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +55,7 @@ def test_predict_returns_sorted_probabilities_of_the_model(checkpoint, images):
         assert all(name in names for name, _ in top) and 0 < sum(probs) <= 1.0 + 1e-6
 
 
+@pytest.mark.slow
 def test_cli_prints_top5_and_names_bad_files(checkpoint, images):
     files = [images / "photo.jpg", images / "missing.jpg", images / "notes.txt", images / "gray.png"]
     proc = subprocess.run(
@@ -76,3 +76,26 @@ def test_cli_missing_checkpoint_is_a_clear_error(tmp_path, images):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 2 and "no checkpoint directory" in proc.stderr
+
+
+def test_predict_gives_the_logits_of_the_eval_pipeline(checkpoint, tmp_path):
+    """The same files through predict and through the eval pass of a folder dataset: the same
+    preprocessed pixels, bit for bit, and so the same logits."""
+    rng = np.random.default_rng(1)
+    files = []
+    for name, size, fmt in (("a", (300, 420), "JPEG"), ("b", (256, 256), "PNG"), ("c", (500, 333), "JPEG")):
+        path = tmp_path / "images" / "val" / name / f"{name}.{fmt.lower()}"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(path, format=fmt)
+        files.append(str(path))
+    images, good, errors = load_images(files, 256)
+    assert good == files and errors == []
+    folder = data.DatasetSpec(str(tmp_path / "images"), str(tmp_path / "tfds"))
+    batches = list(data.as_numpy(data.labeled_eval_pass(folder, "val", image_size=256, resize_size=288, batch_size=4)))
+    (batch,) = batches
+    assert batch["mask"].tolist() == [1, 1, 1, 0] and sorted(batch["label"][:3]) == [0, 1, 2]
+    pipeline = np.zeros_like(images)
+    pipeline[batch["label"][:3]] = batch["image"][:3]  # one image per class folder: a, b, c
+    np.testing.assert_array_equal(images, pipeline)
+    model, variables = load_model(checkpoint)
+    np.testing.assert_array_equal(classify(model, variables, images), classify(model, variables, pipeline))

@@ -1,9 +1,10 @@
-"""Preemption, crashes, corrupt checkpoints, non-finite steps, bad flags, concurrent runs."""
+"""Preemption, crashes, corrupt checkpoints, non-finite steps, bad flags, concurrent runs,
+and which errors are one line (exit 2) and which keep their traceback."""
 
-import os
+import logging
+import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,14 +13,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mvit2_jax import load_model, train
+from mvit2_jax import load_model, tasks, train
 from mvit2_jax.checkpoint import read_config
-from test_train import ROOT, subprocess_env
-from train_config import CLI_FLAGS, small_config
+from mvit2_jax.errors import EXIT_PREEMPTED, ConfigError, NonFiniteError
 
-
-def cli(workdir, *extra):
-    return [sys.executable, "-m", "mvit2_jax.main", "--config=experiments/quickstart.py", f"--workdir={workdir}", *CLI_FLAGS, *extra]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_same_weights(a_dir, b_dir):
@@ -27,14 +25,6 @@ def assert_same_weights(a_dir, b_dir):
         a, b = load_model(str(a_dir), ema=ema)[1], load_model(str(b_dir), ema=ema)[1]
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(x, y)
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """One uninterrupted epoch of the full digits train split (44 steps), in-process."""
-    workdir = tmp_path_factory.mktemp("straight")
-    train.train_and_evaluate(small_config(eval_split="test[:64]"), str(workdir))
-    return workdir
 
 
 def wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 400) -> None:
@@ -45,66 +35,69 @@ def wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 400) ->
         time.sleep(0.2)
 
 
-def start_epoch_run(workdir: Path):
-    """The straight run's config through the command line, checkpointing every 4 steps."""
-    args = cli(workdir, "--config.data.eval_split=test[:64]", "--config.checkpoint_every_steps=4")
+@pytest.mark.slow
+@pytest.mark.xdist_group("reference")
+def test_sigterm_then_kill9_then_rerun_ends_identical_to_the_uninterrupted_run(
+    reference_run, reference_config, reference_flags, main_cli, subprocess_env, tmp_path
+):
+    """The reference run through the command line, preempted (SIGTERM: the current step is
+    saved, exit 143), run again and killed (kill -9), run again: the same final weights."""
+    reference, _ = reference_run
+    workdir = tmp_path / "run"
+    args = main_cli(workdir, *reference_flags)
     proc = subprocess.Popen(args, env=subprocess_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return args, proc
-
-
-def test_kill9_then_same_command_ends_identical_to_uninterrupted_run(straight_run, tmp_path):
-    workdir = tmp_path / "run"
-    args, proc = start_epoch_run(workdir)
-    wait_for_checkpoint(proc, workdir, 8)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run(args, env=subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Resuming from step" in done.stderr
-    assert_same_weights(straight_run, workdir)
-
-
-def test_sigterm_saves_the_current_step_and_exits_preempted(straight_run, tmp_path):
-    workdir = tmp_path / "run"
-    args, proc = start_epoch_run(workdir)
-    wait_for_checkpoint(proc, workdir, 4)
+    wait_for_checkpoint(proc, workdir, 33)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == train.PREEMPTED_EXIT_CODE, log[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
     stopped = int(log.split("Preempted at step ")[1].split(":")[0])
-    assert read_config(str(workdir))[1] == stopped and stopped < 44
-    done = subprocess.run(args, env=subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and f"Resuming from step {stopped}" in done.stderr, done.stderr[-3000:]
-    assert_same_weights(straight_run, workdir)
+    assert read_config(str(workdir))[1] == stopped and 33 <= stopped < 132
+
+    proc = subprocess.Popen(args, env=subprocess_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(proc, workdir, 66)
+    proc.send_signal(signal.SIGKILL)
+    log = proc.communicate(timeout=60)[0]
+    assert f"Resuming from step {stopped}" in log, log[-3000:]
+
+    # Running it again (here in-process, with the compiled steps of the reference run) finishes it.
+    train.train_and_evaluate(reference_config(), str(workdir))
+    assert read_config(str(workdir))[1] == 132
+    assert_same_weights(reference, workdir)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
-    config = small_config(train_split="train[:192]", eval_split="test[:64]")
-    config.checkpoint_every_steps = 3
+@pytest.mark.slow
+@pytest.mark.xdist_group("reference")
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(reference_run, reference_config, tmp_path, caplog):
+    """The reference run's last checkpoint truncated, then (after the rerun) deleted in part:
+    each time it is quarantined and the run redoes its steps from the one before, to the same weights."""
+    import shutil
+
+    caplog.set_level(logging.INFO)
+    reference, _ = reference_run
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir))
-    _, before = load_model(str(workdir), ema=False)
-    files = sorted((workdir / "checkpoints" / "6" / "state").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0)
-    biggest = files[-1]
-    if damage == "truncate":
-        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
-    else:
-        biggest.unlink()
-    train.train_and_evaluate(config, str(workdir))  # resumes from step 3 and redoes 4..6
-    assert "Checkpoint 6 is unreadable" in caplog.text
-    assert [p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()] == ["6"]
-    _, after = load_model(str(workdir), ema=False)
-    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
-        np.testing.assert_array_equal(x, y)
+    shutil.copytree(reference, workdir)
+    for damage in ("truncate", "delete"):
+        files = sorted((workdir / "checkpoints" / "132" / "state").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0)
+        biggest = files[-1]
+        if damage == "truncate":
+            biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+        else:
+            biggest.unlink()
+        caplog.clear()
+        train.train_and_evaluate(reference_config(), str(workdir))  # resumes from step 99 and redoes 100..132
+        assert "Checkpoint 132 is unreadable" in caplog.text and "Resuming from step 99" in caplog.text
+        assert_same_weights(reference, workdir)
+    assert sorted(p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()) == ["132", "132"]
 
 
-def test_nonfinite_step_is_not_applied_and_counted():
-    config = small_config(train_split="train[:192]")
-    steps = train.compile_steps(config, num_steps=6)
+@pytest.mark.slow
+def test_nonfinite_step_is_not_applied_and_counted(small_config):
+    config = small_config()
+    task = tasks.get(config.task)
+    steps = train.compile_steps(config, task, num_steps=6)
     state = steps.init()
     before = jax.device_get(state.params)
-    batch = next(train.train_input(config, 0))
+    batch = next(task.train_input(config, 0))
     sharding = NamedSharding(steps.mesh, P("data"))
     poisoned = dict(batch, image=np.full_like(batch["image"], np.nan))
     state, metrics = steps.train(state, train.to_global(poisoned, sharding))
@@ -118,14 +111,14 @@ def test_nonfinite_step_is_not_applied_and_counted():
 
 def test_too_many_nonfinite_steps_stop_the_run_naming_the_steps():
     train.check_finite(2, 3, 10)
-    with pytest.raises(train.NonFiniteError, match=r"3 consecutive steps \(steps 8 to 10\)"):
+    with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(steps 8 to 10\)"):
         train.check_finite(3, 3, 10)
 
 
-def test_second_run_on_the_same_workdir_is_refused(tmp_path):
+def test_second_run_on_the_same_workdir_is_refused(tmp_path, small_config):
     with train.WorkdirLock(str(tmp_path)):
-        with pytest.raises(ValueError, match="in use by a running job .*pid"):
-            train.train_and_evaluate(small_config(train_split="train[:192]"), str(tmp_path))
+        with pytest.raises(ConfigError, match="in use by a running job .*pid"):
+            train.train_and_evaluate(small_config(), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -134,14 +127,37 @@ def test_second_run_on_the_same_workdir_is_refused(tmp_path):
     [
         ("--config.model.alfa=1", "unknown config field 'alfa'"),
         ("--config.batch_size=abc", "invalid literal for int"),
-        ("--config.data.dataset=no_such_dataset", "Unknown TFDS dataset 'no_such_dataset'"),
+        pytest.param("--config.data.dataset=no_such_dataset", "Unknown TFDS dataset 'no_such_dataset'", marks=pytest.mark.slow),
+        pytest.param("--config=experiments/base.py:0.6", r"requires config.optim.lr, .* \(this width has no paper recipe\)", marks=pytest.mark.slow),
+        pytest.param("--config=experiments/transfer.py", r"requires config.init_from \(the checkpoint to start from", marks=pytest.mark.slow),
     ],
 )
-def test_config_errors_are_one_line_before_anything_compiles(tmp_path, flag, message):
-    """Through the command line; every value check of validate_config is in test_train.py."""
-    args = cli(tmp_path / "run", flag)
+def test_config_errors_are_one_line_before_anything_compiles(tmp_path, main_cli, subprocess_env, flag, message):
+    """Through the command line; every value check of the config is in test_train.py."""
+    args = main_cli(tmp_path / "run", flag)
+    if flag.startswith("--config="):  # another config file instead of the smoke config
+        args = [a for a in args if not a.startswith("--config=")] + [flag]
     proc = subprocess.run(args, env=subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and __import__("re").search(message, errors[0]), proc.stderr[-2000:]
+    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_bug_keeps_its_traceback(tmp_path, main_cli, subprocess_env):
+    """A ValueError that is not a config or data error is a bug: it is not turned into one line."""
+    bug = tmp_path / "sitecustomize.py"
+    bug.write_text(
+        "import mvit2_jax.tasks.classification as c\n"
+        "def broken(self, config):\n"
+        "    raise ValueError('a bug in the task')\n"
+        "c.Classification.check_config = broken\n"
+    )
+    env = subprocess_env(1)
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    proc = subprocess.run(main_cli(tmp_path / "run"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ValueError: a bug in the task" in proc.stderr
+    assert "error: a bug" not in proc.stderr

@@ -2,16 +2,16 @@
 
 import pytest
 
-from mvit2_jax.models import MobileViTv2
-from mvit2_jax.stats import PAPER, main, model_stats
+from mvit2_jax.models import VARIANTS, MobileViTv2
+from mvit2_jax.stats import main, model_stats
 
 
-@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
-def test_gmacs_within_two_percent_of_the_paper(alpha):
+@pytest.mark.parametrize("alpha", sorted(VARIANTS))
+def test_params_exact_and_gmacs_within_a_tenth_of_a_percent_of_the_paper(alpha):
     stats = model_stats(MobileViTv2(alpha=alpha), 256)
-    params, gmacs, _ = PAPER[alpha]
-    assert stats["params"] == params
-    assert abs(stats["macs"] / 1e9 - gmacs) / gmacs < 0.02
+    variant = VARIANTS[alpha]
+    assert stats["params"] == variant.params
+    assert abs(stats["macs"] / 1e9 - variant.gmacs) / variant.gmacs < 0.001
 
 
 def test_macs_grow_with_resolution():

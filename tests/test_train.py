@@ -1,58 +1,87 @@
-"""The training system: config checks, sharding invariance, multi-process, exact resume, learning.
+"""The training engine on the classification task: config checks, schedules, parameter groups,
+sharding invariance, exact resume, learning, fine-tuning and evaluating checkpoints.
 
-All runs use the digits (built offline from scikit-learn) at 32x32 with alpha 0.5 and one
-shared config (tests/train_config.py), so one compile serves most tests.
+All runs use the digits (built offline from scikit-learn) at 32x32 with alpha 0.5 and the
+smoke config (experiments/quickstart.py:smoke), so one compile serves most tests.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from mvit2_jax import load_model, train
+from mvit2_jax import load_model, tasks, train
 from mvit2_jax.checkpoint import read_config
-from train_config import small_config
+from mvit2_jax.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-
-def subprocess_env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
-    return env
+CLASSIFICATION = tasks.get("classification")
 
 
 # ----------------------------------------------------------------------------- config checks
+
+
+def check(config, device_count=4, process_count=1):
+    train.check_config(config, device_count, process_count)
+    CLASSIFICATION.check_config(config)
 
 
 @pytest.mark.parametrize(
     "field, value, message",
     [
         ("model.alpha", 0.0, "alpha must be > 0"),
-        ("model.attention", "performer", "attention must be one of"),
+        ("model.attention", "performer", "config.model.attention must be one of"),
+        ("model.kernels", "fast", "config.model.kernels must be one of"),
         ("data.image_size", 16, "at least 32"),
         ("batch_size", 30, "divisible by the 4 devices"),
         ("grad_accum_steps", 3, "divisible by config.grad_accum_steps"),
         ("optim.name", "lamb", "adamw"),
+        ("optim.schedule", "linear", "config.optim.schedule must be one of"),
         ("ema_decay", 1.0, "ema_decay"),
+        ("task", "captioning", "config.task must be one of"),
     ],
 )
-def test_bad_config_is_one_clear_line(field, value, message):
+def test_bad_config_is_one_clear_line(small_config, field, value, message):
     config = small_config()
     section, _, name = field.rpartition(".")
     (config[section] if section else config)[name] = value
-    with pytest.raises(ValueError, match=message) as err:
-        train.validate_config(config, device_count=4, process_count=1)
+    with pytest.raises(ConfigError, match=message) as err:
+        tasks.get(config.task)
+        check(config)
     assert "\n" not in str(err.value)
 
 
-def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
+def test_required_fields_stop_the_run_naming_them():
+    from experiments import alpha_1, base, finetune_384, transfer
+
+    for module in (finetune_384, transfer):
+        config = module.get_config()
+        with pytest.raises(ConfigError, match=r"requires config.init_from .*--config.init_from="):
+            train.check_config(config, 1, 1)
+        config.init_from = "/some/run"
+        train.check_config(config, 1, 1)
+    # A width without a paper recipe needs its learning rate and weight decay.
+    config = base.get_config(alpha=0.6)
+    with pytest.raises(ConfigError, match=r"config.optim.lr, config.optim.min_lr, config.optim.weight_decay \(this width has no paper recipe\)"):
+        train.check_config(config, 1, 1)
+    config.optim.lr, config.optim.min_lr, config.optim.weight_decay = 0.01, 0.001, 0.01
+    train.check_config(config, 1, 1)
+    # A paper width takes its recipe from the variant table.
+    assert alpha_1.get_config().optim.lr == 0.0075 and base.get_config(alpha=2.0).optim.weight_decay == 0.05
+
+
+def test_dataset_with_another_class_count_is_a_clear_error(small_config):
+    config = small_config()
+    config.data.num_classes = 7
+    with pytest.raises(DataError, match="mvit2_digits has 10 classes: set config.data.num_classes=10"):
+        CLASSIFICATION.check_data(config)
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_min_lr(small_config):
     config = small_config()
     config.optim.schedule = "cosine"
     config.optim.warmup_steps = 10
@@ -69,75 +98,121 @@ def test_weight_decay_skips_one_dimensional_parameters():
     assert mask == {"kernel": True, "bias": False, "scale": False}
 
 
-# ----------------------------------------------------------------------------- sharding
+def test_parameter_groups_by_path_prefix():
+    params = {"head": {"kernel": 1}, "seg_head": {"aux_head": {"kernel": 2}, "classifier": {"bias": 3}}, "stem": {"conv": {"kernel": 4}}}
+    labels = train.param_groups(params, {"aux": ("seg_head/aux_head",), "head": ("head", "seg_head")}, "backbone")
+    assert labels == {"head": {"kernel": "head"}, "seg_head": {"aux_head": {"kernel": "aux"}, "classifier": {"bias": "head"}},
+                      "stem": {"conv": {"kernel": "backbone"}}}
 
 
-def run_probe(tmp_path, devices: int, num_steps: int = 2) -> dict:
-    out = tmp_path / f"probe_{devices}.npz"
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "train_probe.py"), str(out), str(num_steps)],
-        env=subprocess_env(devices), cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+def test_frozen_and_slower_backbone(small_config):
+    params = {"head": {"kernel": np.ones((2, 2))}, "stem": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}
+    grads = jax.tree.map(np.ones_like, params)
+    config = small_config()
+    config.optim.name, config.optim.weight_decay = "sgd", 0.0
+    updates = {}
+    for name, freeze, scale in (("plain", False, 1.0), ("frozen", True, 1.0), ("slow", False, 0.1)):
+        config.freeze_backbone, config.optim.backbone_lr_scale = freeze, scale
+        tx = train.create_optimizer(config, optax.constant_schedule(1.0), CLASSIFICATION.head_prefixes)
+        updates[name] = tx.update(grads, tx.init(params), params)[0]
+    np.testing.assert_allclose(updates["frozen"]["head"]["kernel"], updates["plain"]["head"]["kernel"])
+    assert not np.any(updates["frozen"]["stem"]["kernel"]) and not np.any(updates["frozen"]["stem"]["bias"])
+    np.testing.assert_allclose(updates["slow"]["stem"]["kernel"], 0.1 * updates["plain"]["stem"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(updates["slow"]["head"]["kernel"], updates["plain"]["head"]["kernel"])
+
+
+# A child process with 4 CPU devices runs one train step of the engine on a 1-device mesh and
+# on a 4-device mesh, from the same state on the same batch, and saves both results.
+_ONE_VS_FOUR = """
+import sys
+import jax, numpy as np
+from conftest import small_config
+from mvit2_jax import tasks, train
+config = small_config(train_split="train[:32]")
+config.optim.update(name="sgd", lr=0.1, warmup_steps=0)
+task = tasks.get(config.task)
+batch = next(task.train_input(config, 0))
+results = {}
+for n in (1, 4):
+    mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,))
+    steps = train.compile_steps(config, task, num_steps=1, mesh=mesh)
+    state, _ = steps.train(steps.init(), train.to_global(batch, jax.NamedSharding(mesh, jax.P("data"))))
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))[0]
+    results.update({f"{n}{jax.tree_util.keystr(k)}": v for k, v in flat})
+np.savez(sys.argv[1], **results)
+"""
+
+
+@pytest.mark.slow
+def test_a_step_on_one_device_equals_a_step_on_four(tmp_path, subprocess_env):
+    """The same step on 1 and on 4 simulated devices: the same parameters and BatchNorm
+    statistics (over the global batch).
+
+    One step of SGD, whose update is linear in the gradient, so float reduction-order noise
+    stays noise (Adam would turn a 1e-9 gradient into a full +-lr step of either sign, and a
+    second step amplifies the first one's noise through nearly constant BatchNorm channels
+    about a thousandfold, whatever the kernels).
+    """
+    out = tmp_path / "steps.npz"
+    proc = subprocess.run([sys.executable, "-c", _ONE_VS_FOUR, str(out)], env=subprocess_env(4, quick_compile=True),
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(np.load(out))
-
-
-def test_step_on_one_device_equals_step_on_four(tmp_path):
-    one, four = run_probe(tmp_path, 1), run_probe(tmp_path, 4)
-    assert int(one.pop("device_count")) == 1 and int(four.pop("device_count")) == 4
-    assert one.keys() == four.keys()
-    for key in one:  # params and BatchNorm statistics (over the global batch) alike
-        np.testing.assert_allclose(one[key], four[key], rtol=2e-4, atol=2e-5, err_msg=key)
+    results = np.load(out)
+    names = sorted(k[1:] for k in results.files if k.startswith("1"))
+    assert len(names) > 100 and any("batch_stats" in n for n in names)
+    for name in names:
+        one, four = results["1" + name], results["4" + name]
+        np.testing.assert_allclose(one, four, rtol=2e-4, atol=2e-5, err_msg=name)
+    assert not np.allclose(results["1['params']['head']['kernel']"], 0)
 
 
 # ----------------------------------------------------------------------------- resume and learning
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    config = small_config(train_split="train[:192]", eval_split="test[:100]")
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
-    train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=3)
-    assert read_config(str(tmp_path / "resumed"))[1] == 3
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    for ema in (False, True):
-        _, a = load_model(str(tmp_path / "straight"), ema=ema)
-        _, b = load_model(str(tmp_path / "resumed"), ema=ema)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-            np.testing.assert_array_equal(x, y)
-
-
-@pytest.fixture(scope="module")
-def learned_run(tmp_path_factory):
-    """A short quickstart run on the full digits split: 3 epochs of batch 32 (132 steps)."""
-    workdir = tmp_path_factory.mktemp("quickstart")
-    config = small_config()
-    config.num_epochs = 3
-    config.optim.schedule = "cosine"  # decays to min_lr: 60% after 3 epochs (constant lr: 28%)
-    config.log_every_steps = 20
-    config.checkpoint_every_steps = 1000
-    metrics = train.train_and_evaluate(config, str(workdir))
-    return workdir, metrics
-
-
-def test_short_quickstart_run_learns(learned_run):
-    workdir, metrics = learned_run
+@pytest.mark.slow
+@pytest.mark.xdist_group("reference")
+def test_the_reference_run_learns_and_records_what_load_model_needs(reference_run):
+    workdir, metrics = reference_run
     assert metrics["num_examples"] == 360
     assert metrics["top1"] > 0.5  # chance is 0.1
-    assert (workdir / "checkpoints").is_dir()
     assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard log"
-
-
-def test_load_model_reads_a_training_workdir(learned_run):
-    workdir, _ = learned_run
     model, raw = load_model(str(workdir), ema=False)
     _, ema = load_model(str(workdir), ema=True)
     assert model.num_classes == 10 and model.alpha == 0.5
     assert not np.allclose(raw["params"]["head"]["kernel"], ema["params"]["head"]["kernel"])
-    assert read_config(str(workdir))[0]["class_names"] == [str(i) for i in range(10)]
+    meta, step, _ = read_config(str(workdir))
+    assert step == 132 and meta["class_names"] == [str(i) for i in range(10)]
+    assert (meta["format"], meta["task"], meta["config"]["task"]) == (2, "classification", "classification")
 
 
-def test_eval_mode_evaluates_the_latest_checkpoint(learned_run):
-    workdir, metrics = learned_run
+@pytest.mark.slow
+@pytest.mark.xdist_group("reference")
+def test_resume_equals_uninterrupted_run(reference_run, reference_config, tmp_path):
+    """N steps equal N/2 + N/4 + N/4, bit for bit (raw and EMA weights): the reference run's
+    own checkpoint at step 66, resumed for 33 steps (stop_after_steps), resumed to the end."""
+    import shutil
+
+    reference, _ = reference_run
+    workdir = tmp_path / "resumed"
+    shutil.copytree(reference, workdir)
+    for later in ("99", "132"):
+        shutil.rmtree(workdir / "checkpoints" / later)
+    assert read_config(str(workdir))[1] == 66
+    train.train_and_evaluate(reference_config(), str(workdir), stop_after_steps=33)
+    assert read_config(str(workdir))[1] == 99
+    train.train_and_evaluate(reference_config(), str(workdir))
+    assert read_config(str(workdir))[1] == 132
+    for ema in (False, True):
+        _, a = load_model(str(reference), ema=ema)
+        _, b = load_model(str(workdir), ema=ema)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("reference")
+def test_eval_mode_evaluates_the_latest_checkpoint(reference_run, subprocess_env):
+    workdir, metrics = reference_run
     proc = subprocess.run(
         [sys.executable, "-m", "mvit2_jax.main", "--config=experiments/quickstart.py", f"--workdir={workdir}",
          "--mode=eval", "--config.batch_size=32", "--config.eval_batch_size=64"],
@@ -150,34 +225,26 @@ def test_eval_mode_evaluates_the_latest_checkpoint(learned_run):
     assert float(printed["ema_top1"]) == pytest.approx(metrics["ema_top1"], abs=1e-6)
 
 
-def test_eval_mode_without_a_checkpoint_is_a_clear_error(tmp_path):
+@pytest.mark.slow
+def test_eval_mode_without_a_checkpoint_is_a_clear_error(tmp_path, subprocess_env):
     proc = subprocess.run(
         [sys.executable, "-m", "mvit2_jax.main", "--config=experiments/quickstart.py", f"--workdir={tmp_path}", "--mode=eval"],
         env=subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 2 and "no checkpoint in" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-FIXTURE = TESTS / "fixtures" / "mobilevitv2_050_parity.safetensors"
 
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """The timm parity fixture (alpha 0.5, 1000 classes) converted to a model directory."""
-    from mvit2_jax.convert import convert
-
-    return convert(str(FIXTURE), str(tmp_path_factory.mktemp("converted") / "mvit2_050"))
-
-
-def test_init_from_restores_backbone_and_reinitializes_new_head(converted):
+def test_init_from_restores_backbone_and_reinitializes_new_head(converted_050, small_config):
     config = small_config()
-    config.init_from = converted
-    steps = train.compile_steps(config, num_steps=6)
+    config.init_from = converted_050
+    steps = train.compile_steps(config, CLASSIFICATION, num_steps=6)
     fresh = steps.init()
-    state = train.init_from_pretrained(fresh, config, steps.mesh)
-    _, source = load_model(converted)
+    state = train.init_from_pretrained(fresh, config, CLASSIFICATION, steps.mesh)
+    _, source = load_model(converted_050)
     assert source["params"]["head"]["kernel"].shape == (256, 1000)
     assert state.params["head"]["kernel"].shape == (256, 10)
     np.testing.assert_array_equal(state.params["head"]["kernel"], fresh.params["head"]["kernel"])
@@ -192,44 +259,28 @@ def test_init_from_restores_backbone_and_reinitializes_new_head(converted):
 
 
 @pytest.mark.parametrize("field, value", [("alpha", 0.75), ("attention", "mha")])
-def test_init_from_a_different_model_is_a_clear_error(converted, field, value):
+def test_init_from_a_different_model_is_a_clear_error(converted_050, small_config, field, value):
     config = small_config()
-    config.init_from = converted
+    config.init_from = converted_050
     config.model[field] = value
-    with pytest.raises(ValueError, match=f"holds a {field}=.*config.model.{field}="):
-        train.init_from_pretrained(None, config, None)
+    with pytest.raises(ConfigError, match=f"holds a {field}=.*config.model.{field}="):
+        train.init_from_pretrained(None, config, CLASSIFICATION, None)
 
 
-def test_frozen_backbone_and_backbone_lr_scale():
-    import optax
-
-    params = {"head": {"kernel": np.ones((2, 2))}, "stem": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}
-    grads = jax.tree.map(np.ones_like, params)
-    config = small_config()
-    config.optim.name, config.optim.weight_decay = "sgd", 0.0
-    updates = {}
-    for name, freeze, scale in (("plain", False, 1.0), ("frozen", True, 1.0), ("slow", False, 0.1)):
-        config.freeze_backbone, config.optim.backbone_lr_scale = freeze, scale
-        tx = train.create_optimizer(config, optax.constant_schedule(1.0))
-        updates[name] = tx.update(grads, tx.init(params), params)[0]
-    np.testing.assert_allclose(updates["frozen"]["head"]["kernel"], updates["plain"]["head"]["kernel"])
-    assert not np.any(updates["frozen"]["stem"]["kernel"]) and not np.any(updates["frozen"]["stem"]["bias"])
-    np.testing.assert_allclose(updates["slow"]["stem"]["kernel"], 0.1 * updates["plain"]["stem"]["kernel"], rtol=1e-6)
-    np.testing.assert_allclose(updates["slow"]["head"]["kernel"], updates["plain"]["head"]["kernel"])
-
-
-def test_finetuning_a_converted_checkpoint_learns_the_digits(converted, tmp_path):
-    config = small_config()
-    config.init_from = converted
-    config.num_epochs = 3
-    config.checkpoint_every_steps = 1000
+@pytest.mark.slow
+@pytest.mark.xdist_group("reference")
+def test_finetuning_a_converted_checkpoint_learns_the_digits(converted_050, reference_config, tmp_path):
+    """The reference run's config (and compiled steps) started from converted in1k weights."""
+    config = reference_config()
+    config.init_from = converted_050
     metrics = train.train_and_evaluate(config, str(tmp_path / "ft"))
     assert metrics["top1"] > 0.3  # chance is 0.1
 
 
-def test_eval_mode_evaluates_a_converted_checkpoint(converted, tmp_path):
+@pytest.mark.slow
+def test_evaluating_a_converted_checkpoint_needs_its_data(converted_050, subprocess_env):
     proc = subprocess.run(
-        [sys.executable, "-m", "mvit2_jax.main", "--config=experiments/quickstart.py", f"--checkpoint={converted}",
+        [sys.executable, "-m", "mvit2_jax.main", "--config=experiments/quickstart.py", f"--checkpoint={converted_050}",
          "--mode=eval", "--config.eval_batch_size=64", "--config.data.dataset=imagenet2012"],
         env=subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -237,7 +288,35 @@ def test_eval_mode_evaluates_a_converted_checkpoint(converted, tmp_path):
     assert proc.returncode == 2 and "ILSVRC2012_img_val.tar" in proc.stderr
 
 
-def test_training_on_an_image_folder_with_a_corrupt_file(tmp_path):
+@pytest.mark.slow
+def test_evaluate_checkpoint_of_a_model_directory(tmp_path, small_config, quick_init):
+    """A model directory (one set of weights, no EMA) is evaluated once, with no train state
+    made up for it; top-1 equals the argmax accuracy of the model on the eval pipeline."""
+    import jax.numpy as jnp
+
+    from mvit2_jax.checkpoint import save_model
+    from mvit2_jax.models import MobileViTv2
+
+    model = MobileViTv2(alpha=0.5, num_classes=10)
+    variables = quick_init(model, jnp.zeros((1, 32, 32, 3)), seed=3)
+    save_model(str(tmp_path / "model"), model, variables, meta={"image_size": [32, 32]})
+    config = small_config(eval_split="test[:100]")
+    metrics = train.evaluate_checkpoint(config, str(tmp_path / "model"))
+    assert set(metrics) == {"loss", "top1", "top5", "num_examples"} and metrics["num_examples"] == 100
+    correct = count = 0
+    apply = jax.jit(model.apply)
+    for batch in CLASSIFICATION.eval_input(config, None):
+        logits = np.asarray(apply(variables, batch["image"]))
+        correct += float(((logits.argmax(-1) == batch["label"]) * batch["mask"]).sum())
+        count += float(batch["mask"].sum())
+    assert metrics["top1"] == pytest.approx(correct / count, abs=1e-6)
+    with pytest.raises(DataError, match="has 10 classes"):  # a 1000-class model on the digits
+        config.data.num_classes = 1000
+        CLASSIFICATION.check_data(config, splits=[config.data.eval_split])
+
+
+@pytest.mark.slow
+def test_training_on_an_image_folder_with_a_corrupt_file(tmp_path, small_config):
     """A folder with one sub-folder per class trains by path; a corrupt file is skipped and named."""
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -252,8 +331,13 @@ def test_training_on_an_image_folder_with_a_corrupt_file(tmp_path):
             Image.fromarray((digits.images[idx] * 255 / 16).astype(np.uint8)).save(root / f"digit_{c}" / f"{i}.png")
     (root / "digit_3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     config = small_config(dataset=str(root), train_split="train", eval_split="validation", data_dir=str(tmp_path / "tfds"))
-    config.checkpoint_every_steps = 1000
     metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert metrics["num_examples"] == 12  # 10% of the 120 readable images
-    assert list(skipped_files(str(root), str(tmp_path / "tfds"))) == ["digit_3/broken.png"]
+    assert list(skipped_files(train_spec(config))) == ["digit_3/broken.png"]
     assert read_config(str(tmp_path / "run"))[0]["class_names"] == [f"digit_{c}" for c in range(10)]
+
+
+def train_spec(config):
+    from mvit2_jax.data import DatasetSpec
+
+    return DatasetSpec.from_config(config.data)
