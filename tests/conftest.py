@@ -65,11 +65,12 @@ def main_cli(workdir, *extra) -> list:
     return [sys.executable, "-m", "mvit2_jax.main", f"--config={SMOKE_CONFIG}", f"--workdir={workdir}", *extra]
 
 
-# The reference run: the smoke config on the whole digits train split for 3 epochs (132
-# steps of batch 32), evaluated on the whole test split, checkpointed every 33 steps.
-# Its cosine schedule decays the rate to min_lr: top-1 about 66% (a constant rate: about 30%).
-REFERENCE = {"data.train_split": "train", "data.eval_split": "test", "num_epochs": 3, "checkpoint_every_steps": 33,
-             "optim.schedule": "cosine"}
+# The reference run: the smoke config on the whole digits train split for 2 epochs (88
+# steps of batch 32), evaluated on the whole test split, checkpointed every 22 steps. Its
+# cosine schedule decays the rate to min_lr, and RandAugment is off (on 1,437 digits it slows
+# learning, and each new input pipeline spends seconds tracing it): top-1 about 82%.
+REFERENCE = {"data.train_split": "train", "data.eval_split": "test", "num_epochs": 2, "checkpoint_every_steps": 22,
+             "optim.schedule": "cosine", "data.randaugment": False}
 REFERENCE_FLAGS = [f"--config.{k}={v}" for k, v in REFERENCE.items()]
 
 

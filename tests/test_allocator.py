@@ -46,7 +46,7 @@ def test_bad_value_is_a_one_line_error():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the restart applies on Linux only")
-def test_program_restarts_once_with_the_setting(tmp_path):
+def test_program_restarts_once_with_the_setting(tmp_path, subprocess_env):
     script = tmp_path / "prog.py"
     script.write_text(
         "import os, sys\n"
@@ -55,7 +55,7 @@ def test_program_restarts_once_with_the_setting(tmp_path):
         "allocator.maybe_reexec()\n"
         "print('run', os.getpid(), os.environ.get(allocator.APPLIED_VAR), sys.argv[1:], allocator.describe())\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MVIT2_ALLOCATOR")}
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("MVIT2_ALLOCATOR")}
     env["MVIT2_ALLOCATOR"] = "glibc"
     out = subprocess.run([sys.executable, str(script), "a", "--b=1"], env=env, capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()

@@ -28,11 +28,12 @@ def assert_same_weights(a_dir, b_dir):
 
 
 def wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 400) -> None:
+    """Until the save of checkpoint `step` has begun (its directory, final or temporary, exists)."""
     deadline = time.time() + timeout
-    while not (workdir / "checkpoints" / str(step)).is_dir():
+    while not any(p.name.split(".")[0] == str(step) for p in (workdir / "checkpoints").glob(f"{step}*")):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -46,27 +47,30 @@ def test_sigterm_then_kill9_then_rerun_ends_identical_to_the_uninterrupted_run(
     workdir = tmp_path / "run"
     args = main_cli(workdir, *reference_flags)
     proc = subprocess.Popen(args, env=subprocess_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_checkpoint(proc, workdir, 33)
+    wait_for_checkpoint(proc, workdir, 22)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
     stopped = int(log.split("Preempted at step ")[1].split(":")[0])
-    assert read_config(str(workdir))[1] == stopped and 33 <= stopped < 132
+    assert read_config(str(workdir))[1] == stopped and 22 <= stopped < 66
 
+    # Killed while it writes its next periodic checkpoint.
     proc = subprocess.Popen(args, env=subprocess_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_checkpoint(proc, workdir, 66)
+    wait_for_checkpoint(proc, workdir, (stopped // 22 + 1) * 22)
     proc.send_signal(signal.SIGKILL)
     log = proc.communicate(timeout=60)[0]
     assert f"Resuming from step {stopped}" in log, log[-3000:]
 
     # Running it again (here in-process, with the compiled steps of the reference run) finishes it.
     train.train_and_evaluate(reference_config(), str(workdir))
-    assert read_config(str(workdir))[1] == 132
+    assert read_config(str(workdir))[1] == 88
     assert_same_weights(reference, workdir)
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("reference")
+# Orbax abandons the pending array reads of an unreadable checkpoint (coroutines never awaited).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(reference_run, reference_config, tmp_path, caplog):
     """The reference run's last checkpoint truncated, then (after the rerun) deleted in part:
     each time it is quarantined and the run redoes its steps from the one before, to the same weights."""
@@ -77,17 +81,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(reference_run,
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     for damage in ("truncate", "delete"):
-        files = sorted((workdir / "checkpoints" / "132" / "state").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0)
+        files = sorted((workdir / "checkpoints" / "88" / "state").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0)
         biggest = files[-1]
         if damage == "truncate":
             biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
         else:
             biggest.unlink()
         caplog.clear()
-        train.train_and_evaluate(reference_config(), str(workdir))  # resumes from step 99 and redoes 100..132
-        assert "Checkpoint 132 is unreadable" in caplog.text and "Resuming from step 99" in caplog.text
+        train.train_and_evaluate(reference_config(), str(workdir))  # resumes from step 66 and redoes 67..88
+        assert "Checkpoint 88 is unreadable" in caplog.text and "Resuming from step 66" in caplog.text
         assert_same_weights(reference, workdir)
-    assert sorted(p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()) == ["132", "132"]
+    assert sorted(p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()) == ["88", "88"]
 
 
 @pytest.mark.slow
