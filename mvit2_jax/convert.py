@@ -1,18 +1,32 @@
 """Convert official MobileViTv2 checkpoints into mvit2_jax model directories.
 
-    python -m mvit2_jax.convert SRC DST [--image-size N]
+    python -m mvit2_jax.convert SRC DST [--image-size N] [--output-stride N] [--aspp-rates A B C]
 
-SRC is either an ml-cvnets checkpoint (``.pt``; names such as ``conv_1.block.conv.weight``)
-or a timm checkpoint (``.safetensors``, ``.pth`` or ``.bin``; names such as
-``stem.conv.weight``). The width multiplier and the number of classes are read from the
-weights. DST is a new (or empty) directory; load it with ``mvit2_jax.load_model(DST)``.
+SRC is a state dict in one of four namings, told apart by its keys:
+- ml-cvnets classification (``.pt``; ``conv_1.block.conv.weight``, ``layer_3.1.global_rep.0...``);
+- timm classification (``.safetensors``, ``.pth``, ``.bin``; ``stem.conv.weight``, ``stages.2.1...``);
+- ml-cvnets segmentation (``encoder.*`` and ``seg_head.*``: DeepLabv3 or PSPNet, with or
+  without the aux head);
+- HF transformers (``mobilevitv2.*`` with ``classifier.*`` or ``segmentation_head.*``:
+  MobileViTV2ForImageClassification / MobileViTV2ForSemanticSegmentation).
+The width multiplier, the number of classes and the head are read from the weights. What the
+weights cannot tell a segmentation model (its output stride and ASPP rates) comes from the
+flags, else from the HF ``config.json`` beside SRC, else from the official recipe of the
+dataset its class count implies (150: ADE20k, output stride 8, rates 12/24/36; 21: PASCAL VOC,
+16, 6/12/18; any other count: the official code's defaults, 16 and 6/12/18); it is recorded in
+DST. DST is a new (or empty) directory; load it with ``mvit2_jax.load_model(DST)``.
+
+HF transformers' own MobileViTV2 differs from the official model in segmentation: it does not
+dilate the MobileViTv2 blocks' local 3x3 conv, so the two agree only at output stride 32. The
+converted model follows the official code; its results match HF's where HF's model agrees.
 
 ``.safetensors`` files load with numpy alone. ``.pt``/``.pth``/``.bin`` files need PyTorch
 (``pip install "mvit2_jax[convert]"``) and are read with ``weights_only=True``: a pickle that
 would run code is refused.
 
-Conversion goes in two steps: cvnets names are renamed to timm names (`CVNETS_TO_TIMM`), then
-every timm name maps onto one Flax variable through one two-way table (`TIMM_FLAX_MODULES`,
+Conversion goes in two steps: backbone names are renamed to timm names (`CVNETS_TO_TIMM`,
+`HF_TO_TIMM`) and segmentation-head names to the model's module names (`SEG_HEAD_RULES`),
+then every name maps onto one Flax variable through one two-way table (`TIMM_FLAX_MODULES`,
 `TIMM_FLAX_LEAVES`), whose module names mirror timm's:
 ``stages.2.1.transformer.0.mlp.fc1.weight`` <-> params/stages_2_1/transformer_0/fc1/kernel.
 
@@ -23,6 +37,7 @@ architecture) are DataErrors; the command prints them and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -34,7 +49,8 @@ from flax import traverse_util
 
 from mvit2_jax.checkpoint import abstract_variables, save_model
 from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
-from mvit2_jax.models.mobilevitv2 import VARIANTS, MobileViTv2, Widths, widths_for
+from mvit2_jax.models.mobilevitv2 import OUTPUT_STRIDES, VARIANTS, MobileViTv2, Widths, widths_for
+from mvit2_jax.models.segmentation import MobileViTv2Segmentation
 
 StateDict = Dict[str, np.ndarray]
 Path = Tuple[str, ...]  # (collection, module, ..., leaf), e.g. ("params", "stem", "conv", "kernel")
@@ -69,8 +85,58 @@ CVNETS_TO_TIMM: Tuple[Tuple[str, Union[str, Callable[[re.Match], str]]], ...] = 
 )
 _CVNETS_RULES = tuple((re.compile(p), r) for p, r in CVNETS_TO_TIMM)
 
+# HF transformers backbone name -> timm name (the "mobilevitv2." prefix removed first).
+HF_TO_TIMM: Tuple[Tuple[str, str], ...] = (
+    (r"^conv_stem\.convolution\.", "stem.conv."),
+    (r"^conv_stem\.normalization\.", "stem.bn."),
+    (r"^encoder\.layer\.([01])\.layer\.(\d+)\.", r"stages.\1.\2."),
+    (r"^encoder\.layer\.(\d+)\.downsampling_layer\.", r"stages.\1.0."),
+    (r"^encoder\.layer\.(\d+)\.", r"stages.\1.1."),
+    (r"\.expand_1x1\.convolution\.", ".conv1_1x1.conv."),
+    (r"\.expand_1x1\.normalization\.", ".conv1_1x1.bn."),
+    (r"\.conv_3x3\.convolution\.", ".conv2_kxk.conv."),
+    (r"\.conv_3x3\.normalization\.", ".conv2_kxk.bn."),
+    (r"\.reduce_1x1\.convolution\.", ".conv3_1x1.conv."),
+    (r"\.reduce_1x1\.normalization\.", ".conv3_1x1.bn."),
+    (r"\.conv_kxk\.convolution\.", ".conv_kxk.conv."),
+    (r"\.conv_kxk\.normalization\.", ".conv_kxk.bn."),
+    (r"\.conv_1x1\.convolution\.", ".conv_1x1."),
+    (r"\.transformer\.layer\.(\d+)\.layernorm_before\.", r".transformer.\1.norm1."),
+    (r"\.transformer\.layer\.(\d+)\.attention\.(qkv_proj|out_proj)\.convolution\.", r".transformer.\1.attn.\2."),
+    (r"\.transformer\.layer\.(\d+)\.layernorm_after\.", r".transformer.\1.norm2."),
+    (r"\.transformer\.layer\.(\d+)\.ffn\.conv(\d)\.convolution\.", r".transformer.\1.mlp.fc\2."),
+    (r"\.layernorm\.", ".norm."),  # the GroupNorm after the block's last layer
+    (r"\.conv_projection\.convolution\.", ".conv_proj.conv."),
+    (r"\.conv_projection\.normalization\.", ".conv_proj.bn."),
+    (r"^classifier\.", "head.fc."),
+)
+_HF_RULES = tuple((re.compile(p), r) for p, r in HF_TO_TIMM)
+
+# Segmentation-head name (cvnets "seg_head.*", HF "segmentation_head.*") -> the module names of
+# MobileViTv2Segmentation (aspp, psp, classifier, aux_head), in timm's leaf naming.
+SEG_HEAD_RULES: Tuple[Tuple[str, str], ...] = (
+    (r"^seg_head\.aspp\.aspp_layer\.", "aspp."),
+    (r"^segmentation_head\.aspp\.", "aspp."),
+    (r"^seg_head\.psp_layer\.psp_branches\.(\d+)\.1\.", r"psp.branches_\1."),
+    (r"^seg_head\.psp_layer\.fusion\.0\.", "psp.fusion."),
+    (r"^seg_head\.aux_head\.0\.", "aux_head.conv."),
+    (r"^seg_head\.aux_head\.2\.", "aux_head.classifier."),
+    (r"^(seg_head|segmentation_head)\.classifier\.", "classifier."),
+    (r"^aspp\.convs\.4\.(aspp_pool\.)?conv_1x1\.", "aspp.convs_4."),
+    (r"^aspp\.convs\.(\d+)\.", r"aspp.convs_\1."),
+    (r"\.block\.conv\.", ".conv."),
+    (r"\.block\.norm\.", ".bn."),
+    (r"\.convolution\.", ".conv."),
+    (r"\.normalization\.", ".bn."),
+    (r"^((?:aux_head\.)?classifier)\.conv\.", r"\1."),  # 1x1 convs with a bias, no norm
+)
+_SEG_HEAD_RULES = tuple((re.compile(p), r) for p, r in SEG_HEAD_RULES)
+
 _CVNETS_ROOTS = ("conv_1.", "layer_", "classifier.")
 _TIMM_ROOTS = ("stem.", "stages.", "head.")
+_CVNETS_SEG_ROOTS = ("encoder.", "seg_head.")
+_HF_ROOTS = ("mobilevitv2.", "segmentation_head.")
+SCHEMES = ("cvnets", "timm", "cvnets-segmentation", "hf")
 
 
 class ConversionError(DataError):
@@ -147,7 +213,12 @@ def load_state_dict(path: str) -> StateDict:
 
 
 def detect_scheme(names: Sequence[str]) -> str:
-    """'cvnets' or 'timm', from the root names of the state dict's keys."""
+    """One of SCHEMES, from the root names of the state dict's keys."""
+    # A segmentation checkpoint is known by its head (a backbone alone names no scheme).
+    if any(n.startswith(_HF_ROOTS[1]) for n in names):
+        return "hf"
+    if any(n.startswith(_CVNETS_SEG_ROOTS[1]) for n in names):
+        return "cvnets-segmentation"
     cvnets = any(n.startswith(_CVNETS_ROOTS) for n in names)
     timm = any(n.startswith(_TIMM_ROOTS) for n in names)
     if cvnets == timm:
@@ -155,33 +226,51 @@ def detect_scheme(names: Sequence[str]) -> str:
         what = "both" if cvnets else "neither"
         raise ConversionError(
             f"cannot tell the checkpoint's naming scheme: its keys match {what} of cvnets "
-            f"(conv_1., layer_N., classifier.) and timm (stem., stages., head.); first keys: {sample}"
+            f"(conv_1., layer_N., classifier.) and timm (stem., stages., head.), nor a segmentation head of cvnets "
+            f"(encoder., seg_head.) or HF transformers (mobilevitv2., segmentation_head.); first keys: {sample}"
         )
     return "cvnets" if cvnets else "timm"
 
 
-def cvnets_to_timm_name(name: str) -> str:
-    """Rename one cvnets state-dict key to timm's name (unknown names pass through)."""
-    for pattern, repl in _CVNETS_RULES:
+def _apply(rules: Sequence[Tuple[re.Pattern, Any]], name: str) -> str:
+    for pattern, repl in rules:
         name = pattern.sub(repl, name)
     return name
 
 
+def cvnets_to_timm_name(name: str) -> str:
+    """Rename one cvnets state-dict key to timm's name (unknown names pass through)."""
+    return _apply(_CVNETS_RULES, name)
+
+
+def _model_name(key: str, scheme: str) -> str:
+    """A key's name in timm's naming (backbone) or the segmentation model's (head)."""
+    if key.startswith(("seg_head.", "segmentation_head.")):
+        return _apply(_SEG_HEAD_RULES, key)
+    if scheme == "cvnets-segmentation" and key.startswith("encoder."):
+        return cvnets_to_timm_name(key[len("encoder.") :])
+    if scheme == "hf":
+        return _apply(_HF_RULES, key[len("mobilevitv2.") :] if key.startswith("mobilevitv2.") else key)
+    return cvnets_to_timm_name(key) if scheme == "cvnets" else key
+
+
 def to_timm_names(state_dict: Mapping[str, np.ndarray]) -> Tuple[StateDict, Dict[str, str]]:
-    """(state dict in timm names, {timm name: original name}), whatever the input scheme."""
-    if detect_scheme(list(state_dict)) == "timm":
+    """(state dict in timm names, {timm name: original name}), whatever the input scheme;
+    segmentation-head keys get the segmentation model's module names."""
+    scheme = detect_scheme(list(state_dict))
+    if scheme == "timm":
         return dict(state_dict), {k: k for k in state_dict}
     renamed: StateDict = {}
     origin: Dict[str, str] = {}
     clashes = []
     for key, value in state_dict.items():
-        new = cvnets_to_timm_name(key)
+        new = _model_name(key, scheme)
         if new in renamed:
             clashes.append(f"{origin[new]} and {key} both map to {new}")
             continue
         renamed[new], origin[new] = value, key
     if clashes:
-        raise ConversionError("cvnets keys that map to the same name:\n  " + "\n  ".join(clashes))
+        raise ConversionError(f"{scheme} keys that map to the same name:\n  " + "\n  ".join(clashes))
     return renamed, origin
 
 
@@ -309,6 +398,56 @@ def detect_num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
     return _shape(state_dict, "head.fc.weight")[0]
 
 
+# Output stride and ASPP rates of the official segmentation recipes, by class count.
+SEGMENTATION_RECIPES = {150: ("ADE20k", 8, (12, 24, 36)), 21: ("PASCAL VOC", 16, (6, 12, 18))}
+SEGMENTATION_DEFAULT = (16, (6, 12, 18))  # the official code's defaults
+PSP_POOL_SIZES = (1, 2, 3, 6)
+
+
+def is_segmentation(named: Mapping[str, np.ndarray]) -> bool:
+    """Whether a renamed state dict (see to_timm_names) holds a segmentation head."""
+    return any(k.startswith(("aspp.", "psp.", "classifier.")) for k in named)
+
+
+def segmentation_model(
+    named: Mapping[str, np.ndarray],
+    alpha: float,
+    output_stride: Optional[int] = None,
+    aspp_rates: Optional[Sequence[int]] = None,
+) -> MobileViTv2Segmentation:
+    """The segmentation model a renamed state dict describes; what the weights cannot tell
+    (output stride, ASPP rates) from the arguments, else the recipe of its class count."""
+    if "aspp.project.conv.weight" in named:
+        head, features = "deeplabv3", {"aspp_features": _shape(named, "aspp.project.conv.weight")[0]}
+    elif "psp.fusion.conv.weight" in named:
+        head, features = "pspnet", {"psp_features": _shape(named, "psp.fusion.conv.weight")[0]}
+        branches = {k.split(".")[1] for k in named if k.startswith("psp.branches_")}
+        if len(branches) != len(PSP_POOL_SIZES):
+            raise ConversionError(
+                f"the PSPNet head has {len(branches)} pyramid branches; the official pool sizes "
+                f"{PSP_POOL_SIZES} need {len(PSP_POOL_SIZES)}"
+            )
+    else:
+        raise ConversionError("the segmentation checkpoint has neither a DeepLabv3 (aspp.project) nor a PSPNet (psp_layer.fusion) head")
+    num_classes = _shape(named, "classifier.weight")[0]
+    recipe_stride, recipe_rates = SEGMENTATION_RECIPES.get(num_classes, (None, *SEGMENTATION_DEFAULT))[1:]
+    output_stride = int(output_stride or recipe_stride)
+    if output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"output stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+    rates = tuple(int(r) for r in (aspp_rates or recipe_rates))
+    if len(rates) != 3 or min(rates) < 1:
+        raise ConfigError(f"ASPP rates must be three positive dilations such as 6 12 18, got {rates}")
+    return MobileViTv2Segmentation(
+        alpha=alpha,
+        num_classes=num_classes,
+        head=head,
+        output_stride=output_stride,
+        aux_head=any(k.startswith("aux_head.") for k in named),
+        aspp_rates=rates,
+        **features,
+    )
+
+
 # --------------------------------------------------------------------------- conversion
 
 
@@ -318,25 +457,40 @@ def _torch_ndim(path: Path, ndim: int) -> int:
     return 4 if ndim == 2 and path[1] != "head" else ndim
 
 
-def convert_state_dict(state_dict: Mapping[str, Any]) -> Tuple[MobileViTv2, Dict[str, Any]]:
-    """(model, {'params', 'batch_stats'}) from a cvnets- or timm-named MobileViTv2 state dict.
+Model = Union[MobileViTv2, MobileViTv2Segmentation]
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, Any],
+    output_stride: Optional[int] = None,
+    aspp_rates: Optional[Sequence[int]] = None,
+) -> Tuple[Model, Dict[str, Any]]:
+    """(model, {'params', 'batch_stats'}) from a state dict in any of SCHEMES: a MobileViTv2
+    classifier or a MobileViTv2Segmentation (output_stride and aspp_rates: see
+    segmentation_model).
 
     Raises ConversionError listing every missing key, unexpected key and wrong shape.
     """
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
     scheme = detect_scheme(list(arrays))
-    timm_sd, origin = to_timm_names(arrays)
-    model = MobileViTv2(alpha=detect_alpha(timm_sd), num_classes=detect_num_classes(timm_sd))
-    target = traverse_util.flatten_dict(abstract_variables(model))
+    named, origin = to_timm_names(arrays)
+    alpha = detect_alpha(named)
+    if is_segmentation(named):
+        model: Model = segmentation_model(named, alpha, output_stride, aspp_rates)
+        described = f"MobileViTv2Segmentation(alpha={alpha}, head={model.head!r}, num_classes={model.num_classes}, aux_head={model.aux_head})"
+    else:
+        model = MobileViTv2(alpha=alpha, num_classes=detect_num_classes(named))
+        described = f"MobileViTv2(alpha={model.alpha}, num_classes={model.num_classes})"
+    target = traverse_util.flatten_dict(abstract_variables(model, (64, 64)))
 
-    def shown(timm_key: str) -> str:
-        return timm_key if scheme == "timm" else f"{origin[timm_key]} (timm name {timm_key})"
+    def shown(name: str) -> str:
+        return name if scheme == "timm" else f"{origin[name]} (timm name {name})"
 
     flat: Dict[Path, np.ndarray] = {}
     seen: Set[Path] = set()  # target paths present in the checkpoint, whatever their shape
     unexpected: List[str] = []
     wrong_shape: List[str] = []
-    for key, value in timm_sd.items():
+    for key, value in named.items():
         path = timm_key_to_path(key, value.ndim)
         if path is None:
             continue
@@ -360,10 +514,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> Tuple[MobileViTv2, Dict
         if p not in seen
     ]
     if missing or unexpected or wrong_shape:
-        lines = [
-            f"checkpoint ({scheme} names) does not match MobileViTv2(alpha={model.alpha}, "
-            f"num_classes={model.num_classes}):"
-        ]
+        lines = [f"checkpoint ({scheme} names) does not match {described}:"]
         for title, items in (
             ("missing keys (timm names)", missing),
             ("unexpected keys", unexpected),
@@ -378,9 +529,39 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> Tuple[MobileViTv2, Dict
     return model, variables
 
 
+SEGMENTATION_IMAGE_SIZE = 512  # the official segmentation crops and evaluation short side
+
+
 def default_image_size(src: str) -> int:
     """384 for checkpoints whose file name mentions 384, else 256."""
     return 384 if "384" in os.path.basename(os.fspath(src)) else 256
+
+
+def hf_config(src: str) -> Dict[str, Any]:
+    """The output stride, ASPP rates and id2label in the HF transformers config.json beside `src`, if any."""
+    path = os.path.join(os.path.dirname(os.path.abspath(src)), "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"could not read {path} (the HF config beside the checkpoint): {e}") from e
+    if not isinstance(config, dict) or config.get("model_type") != "mobilevitv2":
+        return {}
+    found = (("output_stride", config.get("output_stride")), ("aspp_rates", config.get("atrous_rates")), ("id2label", config.get("id2label")))
+    return {k: v for k, v in found if v}
+
+
+def segmentation_class_names(num_classes: int, hf: Mapping[str, Any]) -> Optional[List[str]]:
+    """The class names of a converted segmentation model: HF config.json's id2label, else
+    PASCAL VOC's for 21 classes and ADE20k's for 150 (the official datasets of those sizes)."""
+    from mvit2_jax.data.seg_datasets import ADE20K_CLASSES, VOC_CLASSES
+
+    id2label = hf.get("id2label") or {}
+    if len(id2label) == num_classes:
+        return [str(id2label[str(i)]) if str(i) in id2label else f"class {i}" for i in range(num_classes)]
+    return {21: VOC_CLASSES, 150: ADE20K_CLASSES}.get(num_classes)
 
 
 def _check_destination(dst: str) -> None:
@@ -388,36 +569,61 @@ def _check_destination(dst: str) -> None:
         raise ConfigError(f"destination {dst} exists and is not an empty directory: choose a new one")
 
 
-def convert(src: str, dst: str, image_size: Optional[Union[int, Sequence[int]]] = None) -> str:
-    """Convert checkpoint file `src` into a model directory `dst` (new or empty); returns dst."""
+def convert(
+    src: str,
+    dst: str,
+    image_size: Optional[Union[int, Sequence[int]]] = None,
+    output_stride: Optional[int] = None,
+    aspp_rates: Optional[Sequence[int]] = None,
+) -> str:
+    """Convert checkpoint file `src` into a model directory `dst` (new or empty); returns dst.
+
+    `output_stride` and `aspp_rates` apply to segmentation checkpoints (default: the HF
+    config.json beside `src`, else the official recipe of the class count)."""
     src, dst = os.fspath(src), os.fspath(dst)
     _check_destination(dst)
+    state_dict = load_state_dict(src)
+    defaults = hf_config(src)
+    model, variables = convert_state_dict(
+        state_dict, output_stride or defaults.get("output_stride"), aspp_rates or defaults.get("aspp_rates")
+    )
+    segmentation = isinstance(model, MobileViTv2Segmentation)
     if image_size is None:
-        image_size = default_image_size(src)
+        image_size = SEGMENTATION_IMAGE_SIZE if segmentation else default_image_size(src)
     size = [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
     if len(size) != 2 or min(size) <= 0:
         raise ConfigError(f"image_size must be N or (height, width) with positive values, got {image_size!r}")
-    model, variables = convert_state_dict(load_state_dict(src))
-    return save_model(dst, model, variables, meta={"source": os.path.abspath(src), "image_size": size})
+    meta = {"source": os.path.abspath(src), "image_size": size}
+    if segmentation:
+        meta["class_names"] = segmentation_class_names(model.num_classes, defaults)
+    return save_model(dst, model, variables, meta=meta, task="segmentation" if segmentation else "classification")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
         prog="python -m mvit2_jax.convert",
-        description="Convert an official MobileViTv2 checkpoint (cvnets .pt or timm "
-        ".safetensors/.pth/.bin) into an mvit2_jax model directory.",
+        description="Convert an official MobileViTv2 checkpoint (cvnets .pt, timm .safetensors/.pth/.bin, "
+        "cvnets DeepLabv3/PSPNet segmentation, HF transformers) into an mvit2_jax model directory.",
     )
     parser.add_argument("src", metavar="SRC", help="checkpoint file")
     parser.add_argument("dst", metavar="DST", help="new or empty output directory")
     parser.add_argument(
         "--image-size", type=int, default=None, metavar="N",
-        help="training/evaluation resolution to record (default: 384 if SRC's name contains 384, else 256)",
+        help="training/evaluation resolution to record (default: 512 for segmentation; 384 if SRC's name contains 384, else 256)",
+    )
+    parser.add_argument(
+        "--output-stride", type=int, default=None, choices=OUTPUT_STRIDES,
+        help="segmentation: the backbone's output stride (default: HF config.json, else 8 for 150 classes (ADE20k), else 16)",
+    )
+    parser.add_argument(
+        "--aspp-rates", type=int, nargs=3, default=None, metavar="R",
+        help="DeepLabv3: the three ASPP dilation rates (default: HF config.json, else 12 24 36 for 150 classes, else 6 12 18)",
     )
     args = parser.parse_args(argv)
     with usage_errors_exit(f"{parser.prog}: error"):
         try:
-            dst = convert(args.src, args.dst, args.image_size)
+            dst = convert(args.src, args.dst, args.image_size, args.output_stride, args.aspp_rates)
         except ImportError as e:  # torch, for a pickled checkpoint
             raise ConfigError(str(e)) from None
     print(f"wrote {dst}")

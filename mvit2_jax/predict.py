@@ -1,10 +1,18 @@
-"""Top-5 predictions for image files with a checkpoint, using the official preprocessing.
+"""Predictions for image files with a checkpoint, using the eval pipeline's own preprocessing.
 
-    python -m mvit2_jax.predict --checkpoint DIR IMAGE [IMAGE ...]
+    python -m mvit2_jax.predict --checkpoint DIR IMAGE [IMAGE ...]                 # classification
+    python -m mvit2_jax.predict --checkpoint DIR IMAGE [IMAGE ...] --out OUTDIR    # segmentation
 
-Preprocessing is the eval pipeline's own function (mvit2_jax.data.eval_image): shorter side
-resized to the checkpoint's eval resize (288 for 256 crops, bicubic), center crop, RGB in
-[0, 1]. So predict gives the logits that evaluation gives for the same files.
+Classification prints the top-5 classes. Preprocessing is mvit2_jax.data.eval_image: shorter
+side resized to the checkpoint's eval resize (288 for 256 crops, bicubic), center crop, RGB
+in [0, 1]; so predict gives the logits that evaluation gives for the same files.
+
+Segmentation writes, per image, OUTDIR/<name>_mask.png (each class in its colour, the PASCAL
+VOC colour map) and OUTDIR/<name>_overlay.png (the image and the mask blended half and half),
+and prints the classes present with their share of the pixels. The image goes through the
+eval pipeline's resize (mvit2_jax.data.segmentation.eval_image: image_size x image_size,
+bicubic); the logits are resized back to the file's size (bilinear, align_corners=True), as
+the official evaluation upsamples to the original size.
 """
 
 from __future__ import annotations
@@ -25,16 +33,7 @@ def imagenet_class_names() -> List[str]:
     return [name.split(",")[0].strip() for name in IMAGENET_LABELS_LIST]
 
 
-def load_image(path: str, image_size: int, resize_size: Optional[int] = None) -> np.ndarray:
-    """The eval preprocessing of the file at `path`: float32 [image_size, image_size, 3] in [0, 1].
-
-    Raises DataError naming the file when it is missing or not a decodable image.
-    """
-    import tensorflow as tf
-
-    from mvit2_jax.data import eval_image
-    from mvit2_jax.tasks.classification import default_eval_resize
-
+def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -44,12 +43,30 @@ def load_image(path: str, image_size: int, resize_size: Optional[int] = None) ->
         raise DataError(f"{path}: is a directory, not an image file") from None
     except OSError as e:
         raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
+    return data
+
+
+def _decoded(path: str, preprocess):
+    """preprocess(encoded bytes tensor) as numpy; DataError naming the file if TF cannot decode it."""
+    import tensorflow as tf
+
+    data = _read_bytes(path)
     try:
-        image = eval_image(tf.constant(data), image_size, resize_size or default_eval_resize(image_size))
+        return preprocess(tf.constant(data))
     except (tf.errors.InvalidArgumentError, ValueError) as e:
         reason = str(getattr(e, "message", e)).strip().splitlines()
         raise DataError(f"{path}: not an image file TensorFlow can decode ({reason[0] if reason else type(e).__name__})") from None
-    return image.numpy()
+
+
+def load_image(path: str, image_size: int, resize_size: Optional[int] = None) -> np.ndarray:
+    """The eval preprocessing of the file at `path`: float32 [image_size, image_size, 3] in [0, 1].
+
+    Raises DataError naming the file when it is missing or not a decodable image.
+    """
+    from mvit2_jax.data import eval_image
+    from mvit2_jax.tasks.classification import default_eval_resize
+
+    return _decoded(path, lambda data: eval_image(data, image_size, resize_size or default_eval_resize(image_size)).numpy())
 
 
 def load_images(paths: Sequence[str], image_size: int, resize_size: Optional[int] = None) -> Tuple[np.ndarray, List[str], List[str]]:
@@ -90,7 +107,7 @@ def predict(checkpoint: str, paths: Sequence[str], top_k: int = 5, ema: bool = T
 
     meta, _, _ = read_config(checkpoint)
     if meta["task"] != "classification":
-        raise ConfigError(f"{checkpoint} holds a {meta['task']} model: predict prints classes of classification models")
+        raise ConfigError(f"{checkpoint} holds a {meta['task']} model: predict prints classes of classification models (segmentation: pass --out DIR)")
     model, variables = load_model(checkpoint, ema=ema)
     image_size = int(meta.get("image_size", (256, 256))[0])
     images, good, errors = load_images(paths, image_size, meta.get("eval_resize_size"))
@@ -105,15 +122,77 @@ def predict(checkpoint: str, paths: Sequence[str], top_k: int = 5, ema: bool = T
     return results, errors
 
 
+def color_map(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: class c's colour spreads the bits of c over R, G and B."""
+    colors = np.zeros((n, 3), np.uint8)
+    for c in range(n):
+        r = g = b = 0
+        value = c
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colors[c] = (r, g, b)
+    return colors
+
+
+def segment(checkpoint: str, paths: Sequence[str], out_dir: str, ema: bool = True) -> Tuple[List[Tuple[str, List[Tuple[str, float]]]], List[str]]:
+    """Write each image's mask and overlay PNGs into `out_dir`; returns ([(path, [(class name,
+    pixel share)] in decreasing share)], [error line per unreadable file])."""
+    import os
+
+    import jax
+    from PIL import Image
+
+    from mvit2_jax.checkpoint import load_model, read_config
+    from mvit2_jax.data import preprocess
+    from mvit2_jax.data.segmentation import eval_image
+    from mvit2_jax.models.layers import resize_bilinear_align_corners
+
+    meta, _, _ = read_config(checkpoint)
+    if meta["task"] != "segmentation":
+        raise ConfigError(f"{checkpoint} holds a {meta['task']} model: --out writes masks of segmentation models")
+    model, variables = load_model(checkpoint, ema=ema)
+    size = int(meta.get("image_size", (512, 512))[0])
+    names = class_names_for(meta, model.num_classes)
+    os.makedirs(out_dir, exist_ok=True)
+
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    results, errors, colors = [], [], color_map()
+    for path in paths:
+        try:
+            original = _decoded(path, lambda data: preprocess.decode(data).numpy())
+            image = _decoded(path, lambda data: eval_image(data, size).numpy())
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        logits = resize_bilinear_align_corners(apply(variables, image[None]), *original.shape[:2])[0]
+        ids = np.asarray(jax.numpy.argmax(logits, -1))
+        mask = colors[ids]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        Image.fromarray(mask).save(os.path.join(out_dir, f"{stem}_mask.png"))
+        overlay = np.round(0.5 * original + 0.5 * mask).astype(np.uint8)
+        Image.fromarray(overlay).save(os.path.join(out_dir, f"{stem}_overlay.png"))
+        counts = np.bincount(ids.reshape(-1), minlength=model.num_classes)
+        shares = [(names[c], counts[c] / ids.size) for c in np.argsort(-counts) if counts[c]]
+        results.append((path, shares))
+    return results, errors
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Top-5 predictions for images.")
+    parser = argparse.ArgumentParser(description="Top-5 classes of images (classification) or their masks (segmentation, --out).")
     parser.add_argument("--checkpoint", required=True, help="converted model directory or training workdir")
     parser.add_argument("--raw", action="store_true", help="training workdirs: use raw weights, not EMA")
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--out", default=None, help="segmentation: directory for the mask and overlay PNGs")
     parser.add_argument("images", nargs="+", help="image files")
     args = parser.parse_args(argv)
     with usage_errors_exit():
-        results, errors = predict(args.checkpoint, args.images, args.top_k, ema=not args.raw)
+        if args.out:
+            results, errors = segment(args.checkpoint, args.images, args.out, ema=not args.raw)
+        else:
+            results, errors = predict(args.checkpoint, args.images, args.top_k, ema=not args.raw)
     for path, top in results:
         print(path)
         for name, p in top:

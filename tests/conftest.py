@@ -35,11 +35,22 @@ TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
 PARITY_WEIGHTS = FIXTURES / "mobilevitv2_050_parity.safetensors"
 SMOKE_CONFIG = "experiments/quickstart.py:smoke"
+SEG_SMOKE_CONFIG = "experiments/segmentation/quickstart.py:smoke"
 
 
 def small_config(**data_overrides):
     """The smoke config (experiments/quickstart.py:smoke) with `config.data` overrides."""
     from experiments import quickstart
+
+    config = quickstart.get_config("smoke")
+    for key, value in data_overrides.items():
+        config.data[key] = value
+    return config
+
+
+def small_seg_config(**data_overrides):
+    """The segmentation smoke config (experiments/segmentation/quickstart.py:smoke) with `config.data` overrides."""
+    from experiments.segmentation import quickstart
 
     config = quickstart.get_config("smoke")
     for key, value in data_overrides.items():
@@ -92,14 +103,20 @@ def reference_config():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: whole training runs, subprocesses and the notebook (not in the fast tier)")
     if not hasattr(config, "workerinput"):  # the controller: prepare the digits once, before any worker
-        from mvit2_jax.data import check_split, digits
+        from mvit2_jax.data import check_split, digit_scenes, digits
 
         check_split(digits.NAME, "train")
+        check_split(digit_scenes.NAME, "train")
 
 
 @pytest.fixture(name="small_config", scope="session")
 def small_config_fixture():
     return small_config
+
+
+@pytest.fixture(name="small_seg_config", scope="session")
+def small_seg_config_fixture():
+    return small_seg_config
 
 
 @pytest.fixture(name="subprocess_env", scope="session")

@@ -12,7 +12,9 @@ import pytest
 from nbclient import NotebookClient
 
 from experiments import quickstart
+from experiments.segmentation import quickstart as seg_quickstart
 from mvit2_jax.checkpoint import read_config
+from mvit2_jax.data.seg_datasets import VOC_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab.ipynb"
@@ -58,3 +60,23 @@ def test_notebook_fine_tunes_with_the_smoke_config(executed):
     assert recorded["init_from"] == str(workdir / "mobilevitv2_050_in1k")
     recorded.pop("init_from"), expected.pop("init_from")  # loaded into the state: not part of any compiled program
     assert recorded == json.loads(json.dumps(expected))  # (JSON turns tuples into lists)
+
+
+@pytest.mark.slow
+def test_notebook_segments_with_converted_weights_and_fine_tunes(executed):
+    """The segmentation part: the fixture's PSPNet converted (PASCAL VOC's class names and
+    output stride recorded), masks written, and the segmentation smoke config fine-tuned
+    from the converted ImageNet backbone."""
+    nb, workdir = executed
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "pspnet on MobileViTv2-0.5: 21 classes, output stride 16" in text
+    shares = [line.split("%  ")[1] for line in text.splitlines() if "%  " in line]
+    assert any(name in VOC_CLASSES for name in shares)  # the mask's classes, named
+    assert "test mIoU:" in text
+    for name in ("example_mask.png", "example_overlay.png", "scene_mask.png"):
+        assert (workdir / "masks" / name).stat().st_size > 100
+    meta = read_config(str(workdir / "segment_digit_scenes"))[0]
+    recorded, expected = meta["config"], seg_quickstart.get_config("smoke").to_dict()
+    assert meta["task"] == "segmentation" and recorded.pop("init_from") == str(workdir / "mobilevitv2_050_in1k")
+    expected.pop("init_from")
+    assert recorded == json.loads(json.dumps(expected))

@@ -52,7 +52,7 @@ import math
 import os
 import re
 import stat
-from typing import ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -405,15 +405,16 @@ def _check_image(root: str, path: str) -> Tuple[Optional[bytes], Optional[str]]:
     return data, None
 
 
-def _checked(root: str, paths: Iterable[str]) -> Iterator[Tuple[Optional[bytes], Optional[str]]]:
-    """`_check_image` of each path, in order, on a few threads (TF's decoders release the GIL)."""
-    paths = iter(paths)
+def _checked(root: str, items: Iterable, check: Callable = _check_image) -> Iterator:
+    """`check(root, item)` of each item (by default `_check_image` of a path), in order, on a
+    few threads (TF's decoders release the GIL)."""
+    items = iter(items)
     with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        pending = collections.deque(pool.submit(_check_image, root, p) for p in itertools.islice(paths, _CHECK_WINDOW))
+        pending = collections.deque(pool.submit(check, root, p) for p in itertools.islice(items, _CHECK_WINDOW))
         while pending:
             result = pending.popleft().result()
-            for p in itertools.islice(paths, 1):
-                pending.append(pool.submit(_check_image, root, p))
+            for p in itertools.islice(items, 1):
+                pending.append(pool.submit(check, root, p))
             yield result
 
 

@@ -100,8 +100,10 @@ def _fold_in(key: tf.Tensor, data: tf.Tensor) -> tf.Tensor:
 
 
 def _read(dataset: DatasetLike, split: Any, features: Sequence[str]) -> tf.data.Dataset:
-    """Records {feature: tensor} in TFDS's deterministic file order; images stay encoded."""
-    ds = load_split(dataset, split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False)
+    """Records {feature: tensor} in TFDS's deterministic file order; images (and label maps
+    stored as images) stay encoded."""
+    decoders = {name: tfds.decode.SkipDecoding() for name in features if name in ("image", "label")}
+    ds = load_split(dataset, split, decoders=decoders, shuffle_files=False)
     return ds.map(lambda ex: {name: ex[name] for name in features})
 
 

@@ -12,7 +12,8 @@ image folders) are prepared into the data dir on first use; everything else must
 be prepared.
 
 A dataset name that is a directory ("/data/pets", "~/pets", "./pets", "data/pets" when it
-exists) is an image-folder dataset (folder.py): one sub-folder per class, no code needed.
+exists) is an image-folder dataset (folder.py): one sub-folder per class, no code needed;
+or, when it holds images/ and masks/, a segmentation folder (mask_folder.py).
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from typing import Any, Dict, List, Optional, Union
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mvit2_jax.data import folder
+from mvit2_jax.data import folder, mask_folder
 from mvit2_jax.data.folder import FolderOptions
 from mvit2_jax.errors import DataError
 
 # Files a person must fetch by hand for datasets that TFDS cannot download itself.
-MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+MANUAL_FILES = {
+    "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+    "mvit2_ade20k": ("ADEChallengeData2016.zip",),
+    "mvit2_voc_aug": ("VOCtrainval_11-May-2012.tar", "benchmark.tgz"),
+}
 
 
 class DatasetNotPreparedError(DataError):
@@ -69,7 +74,8 @@ def get_builder(dataset: DatasetLike, data_dir: Optional[str] = None) -> tfds.co
     or of an image folder given by its path ("/data/pets", "~/pets", "./pets"; see folder.py)."""
     spec = as_spec(dataset, data_dir)
     if folder.is_folder_dataset(spec.name):
-        return folder.builder(spec.name, spec.data_dir, spec.folder)
+        kind = mask_folder if mask_folder.is_mask_folder(spec.name) else folder
+        return kind.builder(spec.name, spec.data_dir, spec.folder)
     try:
         return tfds.builder(spec.name, data_dir=spec.data_dir)
     except tfds.core.registered.DatasetNotFoundError:

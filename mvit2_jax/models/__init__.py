@@ -1,4 +1,4 @@
-"""The MobileViTv2 model family: backbone, classifier, blocks, attention units, variant table."""
+"""The MobileViTv2 model family: backbone, classifier, segmentation heads, blocks, attention units, variant table."""
 
 from mvit2_jax.models.attention import (
     ATTENTION,
@@ -23,17 +23,20 @@ from mvit2_jax.models.mobilevitv2 import (
     make_divisible,
     widths_for,
 )
+from mvit2_jax.models.segmentation import HEADS, MobileViTv2Segmentation
 
 __all__ = [
     "ATTENTION",
     "ATTENTION_TYPES",
     "FEATURES",
+    "HEADS",
     "InvertedResidual",
     "KERNELS",
     "LinformerSelfAttention",
     "MobileViTv2",
     "MobileViTv2Backbone",
     "MobileViTv2Block",
+    "MobileViTv2Segmentation",
     "MultiHeadSelfAttention",
     "OUTPUT_STRIDES",
     "SeparableSelfAttention",

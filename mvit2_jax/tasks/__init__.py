@@ -11,7 +11,7 @@ import importlib
 from mvit2_jax.errors import ConfigError
 from mvit2_jax.tasks.base import Task
 
-TASKS = {"classification": "mvit2_jax.tasks.classification"}
+TASKS = {"classification": "mvit2_jax.tasks.classification", "segmentation": "mvit2_jax.tasks.segmentation"}
 
 
 def get(name: str) -> Task:

@@ -13,11 +13,15 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Sequence, T
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mvit2_jax.errors import ConfigError
+
 Config = ml_collections.ConfigDict
 Batch = Dict[str, Any]
+MIN_IMAGE_SIZE = 32  # the network's total stride
 
 
 class Task(Protocol):
@@ -77,3 +81,68 @@ class Task(Protocol):
 
     def finalize(self, sums: Mapping[str, np.ndarray], count: float) -> Dict[str, float]:
         """Eval metrics from the sums over a whole split of `count` examples."""
+
+
+class ImageTask:
+    """The hooks that every task on the MobileViTv2 family shares: square float images of
+    config.data.image_size in, the backbone's identity (width, attention) required of
+    `init_from`, the class count in config.data."""
+
+    def check_backbone_config(self, config: Config) -> None:
+        """The config checks of the backbone and the input size, as one-line ConfigErrors."""
+        from mvit2_jax.models import KERNELS
+        from mvit2_jax.models.mobilevitv2 import DTYPES
+        from mvit2_jax.models.attention import check_attention
+
+        m, d = config.model, config.data
+        if not m.alpha > 0:
+            raise ConfigError(f"config.model.alpha must be > 0 (a width multiplier such as 1.0), got {m.alpha}")
+        try:
+            check_attention(m.attention)
+        except ConfigError as e:
+            raise ConfigError(f"config.model.{e}") from None
+        if m.dtype not in DTYPES:
+            raise ConfigError(f"config.model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}")
+        if m.kernels not in KERNELS:
+            raise ConfigError(f"config.model.kernels must be one of {KERNELS}, got {m.kernels!r}")
+        if d.image_size < MIN_IMAGE_SIZE:
+            raise ConfigError(f"config.data.image_size must be at least {MIN_IMAGE_SIZE} (the network's stride), got {d.image_size}")
+
+    def init_inputs(self, config: Config) -> jax.Array:
+        size = config.data.image_size
+        return jnp.zeros((1, size, size, 3), jnp.float32)
+
+    def check_pretrained(self, source: Mapping[str, Any], config: Config, path: str) -> None:
+        for field in ("alpha", "attention"):
+            if source[field] != config.model[field]:
+                raise ConfigError(
+                    f"config.init_from={path} holds a {field}={source[field]!r} model but config.model.{field}={config.model[field]!r}: "
+                    f"set config.model.{field}={source[field]!r} or choose another checkpoint"
+                )
+
+    @staticmethod
+    def train_stream_args(config: Config, start_step: int) -> Dict[str, Any]:
+        """This process's arguments of the shared train stream (mvit2_jax.data.pipeline.train_stream)."""
+        return dict(
+            batch_size=config.batch_size // jax.process_count(),
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            shuffle_buffer=config.data.shuffle_buffer,
+        )
+
+    @staticmethod
+    def eval_pass_args(config: Config) -> Dict[str, Any]:
+        """This process's arguments of the shared eval pass (mvit2_jax.data.pipeline.eval_pass)."""
+        return dict(batch_size=config.eval_batch_size // jax.process_count(), process_index=jax.process_index(), process_count=jax.process_count())
+
+    def config_from_checkpoint(self, config: Config, model_config: Mapping[str, Any]) -> Config:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            for field, value in model_config.items():
+                if field == "num_classes":
+                    config.data.num_classes = value
+                elif field in config.model:
+                    config.model[field] = value
+        return config

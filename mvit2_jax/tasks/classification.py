@@ -23,12 +23,11 @@ import numpy as np
 import optax
 
 from mvit2_jax.errors import ConfigError, DataError
-from mvit2_jax.models import KERNELS, MobileViTv2
-from mvit2_jax.models.attention import check_attention
-from mvit2_jax.models.mobilevitv2 import DTYPES, module_config
+from mvit2_jax.models import MobileViTv2
+from mvit2_jax.models.mobilevitv2 import module_config
+from mvit2_jax.tasks.base import ImageTask
 
 Config = ml_collections.ConfigDict
-MIN_IMAGE_SIZE = 32  # the network's total stride
 EVAL_RESIZE_RATIO = 288 / 256  # the official eval resize for 256 crops, scaled for other sizes
 
 
@@ -49,7 +48,7 @@ def _dataset(config: Config):
     return data_lib, data_lib.DatasetSpec.from_config(config.data)
 
 
-class Classification:
+class Classification(ImageTask):
     name = "classification"
     best_metric = "ema_top1"
     head_prefixes = ("head",)
@@ -57,19 +56,8 @@ class Classification:
     # ------------------------------------------------------------------------- configuration
 
     def check_config(self, config: Config) -> None:
-        m, d = config.model, config.data
-        if not m.alpha > 0:
-            raise ConfigError(f"config.model.alpha must be > 0 (a width multiplier such as 1.0), got {m.alpha}")
-        try:
-            check_attention(m.attention)
-        except ConfigError as e:
-            raise ConfigError(f"config.model.{e}") from None
-        if m.dtype not in DTYPES:
-            raise ConfigError(f"config.model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}")
-        if m.kernels not in KERNELS:
-            raise ConfigError(f"config.model.kernels must be one of {KERNELS}, got {m.kernels!r}")
-        if d.image_size < MIN_IMAGE_SIZE:
-            raise ConfigError(f"config.data.image_size must be at least {MIN_IMAGE_SIZE} (the network's stride), got {d.image_size}")
+        self.check_backbone_config(config)
+        d = config.data
         if d.eval_resize_size < d.image_size:
             raise ConfigError(f"config.data.eval_resize_size ({d.eval_resize_size}) must be >= config.data.image_size ({d.image_size})")
         if d.num_classes < 1:
@@ -113,28 +101,6 @@ class Classification:
     def create_model(self, model_config: Mapping[str, Any]) -> MobileViTv2:
         return MobileViTv2(**model_config)
 
-    def init_inputs(self, config: Config) -> jax.Array:
-        size = config.data.image_size
-        return jnp.zeros((1, size, size, 3), jnp.float32)
-
-    def check_pretrained(self, source: Mapping[str, Any], config: Config, path: str) -> None:
-        for field in ("alpha", "attention"):
-            if source[field] != config.model[field]:
-                raise ConfigError(
-                    f"config.init_from={path} holds a {field}={source[field]!r} model but config.model.{field}={config.model[field]!r}: "
-                    f"set config.model.{field}={source[field]!r} or choose another checkpoint"
-                )
-
-    def config_from_checkpoint(self, config: Config, model_config: Mapping[str, Any]) -> Config:
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            for field, value in model_config.items():
-                if field == "num_classes":
-                    config.data.num_classes = value
-                elif field in config.model:
-                    config.model[field] = value
-        return config
-
     # ------------------------------------------------------------------------- input
 
     def train_input(self, config: Config, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
@@ -153,12 +119,7 @@ class Classification:
             d.train_split,
             image_size=d.image_size,
             augmentation=aug,
-            batch_size=config.batch_size // jax.process_count(),
-            seed=config.seed,
-            start_step=start_step,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            shuffle_buffer=d.shuffle_buffer,
+            **self.train_stream_args(config, start_step),
         )
         return data_lib.as_numpy(stream)
 
@@ -170,9 +131,7 @@ class Classification:
             split or d.eval_split,
             image_size=d.image_size,
             resize_size=d.eval_resize_size,
-            batch_size=config.eval_batch_size // jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            **self.eval_pass_args(config),
         )
         return data_lib.as_numpy(batches)
 
