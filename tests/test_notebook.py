@@ -16,6 +16,9 @@ from experiments.segmentation import quickstart as seg_quickstart
 from mvit2_jax.checkpoint import read_config
 from mvit2_jax.data.seg_datasets import VOC_CLASSES
 
+# One worker runs every test of this module, so the notebook executes once per session.
+pytestmark = pytest.mark.xdist_group("notebook")
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab.ipynb"
 

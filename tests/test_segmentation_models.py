@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,7 @@ from mvit2_jax.errors import ConfigError
 from mvit2_jax.models import VARIANTS, MobileViTv2Backbone, MobileViTv2Segmentation
 from mvit2_jax.models.segmentation import ASPP, AuxHead, PyramidPooling, adaptive_avg_pool
 
-from conftest import FIXTURES
-
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SEG_WEIGHTS = FIXTURES / "segmentation_parity.safetensors"
 SEG_OUTPUTS = FIXTURES / "segmentation_parity.npz"
 ROWS, COLS = slice(3, None, 13), slice(5, None, 11)  # as make_segmentation_fixture.py samples the logits
