@@ -70,18 +70,18 @@ def test_images_must_be_nhwc_rgb():
 
 
 @pytest.fixture(scope="module")
-def small_model(quick_init):
+def small_model(random_variables):
     """alpha 0.5, 10 classes, initialized at 64x64, with a jitted eval apply."""
     model = MobileViTv2(alpha=0.5, num_classes=10)
-    variables = quick_init(model, jnp.zeros((2, 64, 64, 3)))
+    variables = random_variables(model, jnp.zeros((2, 64, 64, 3)))
     return model, variables, jax.jit(lambda v, x: model.apply(v, x))
 
 
 @pytest.mark.parametrize("attention", ["separable", "mha", "linformer"])
-def test_three_attention_units_fit_the_same_block(attention):
+def test_three_attention_units_fit_the_same_block(attention, random_variables):
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 32))
     block = MobileViTv2Block(features=32, attn_dim=16, depth=2, attention=attention_factory(attention, proj_len=4))
-    variables = jax.jit(lambda k, x: block.init(k, x, False))(jax.random.key(2), x)
+    variables = random_variables(block, x, False, seed=2)
     out = jax.jit(lambda v, x: block.apply(v, x, False))(variables, x)
     assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
     # Outside the attention unit, every parameter has the same shape for all three units.
@@ -210,14 +210,15 @@ def test_resize_is_bilinear_with_aligned_corners():
     np.testing.assert_allclose(align_corners_matrix(7, 8).sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_block_resizes_odd_maps_up_and_not_back():
+def test_block_resizes_odd_maps_up_and_not_back(random_variables):
     block = MobileViTv2Block(features=16, attn_dim=8, depth=1, attention=SEPARABLE)
     x = jax.random.normal(jax.random.key(11), (1, 7, 9, 16))
-    variables = block.init(jax.random.key(12), x, False)
-    out = block.apply(variables, x, False)
+    variables = random_variables(block, x, False, seed=12)
+    apply = jax.jit(lambda v, x: block.apply(v, x, False))
+    out = apply(variables, x)
     assert out.shape == (1, 8, 10, 16)
     resized = resize_bilinear_align_corners(x, 8, 10)
-    np.testing.assert_allclose(out, block.apply(variables, resized, False), atol=1e-5)
+    np.testing.assert_allclose(out, apply(variables, resized), atol=1e-5)
 
 
 def test_model_accepts_sizes_not_divisible_by_32(small_model):
@@ -384,10 +385,10 @@ def test_dilated_stages_follow_the_official_code():
 
 
 @pytest.mark.slow
-def test_dilated_backbone_runs_the_same_on_both_kernel_paths(quick_init):
+def test_dilated_backbone_runs_the_same_on_both_kernel_paths(random_variables):
     x = jax.random.uniform(jax.random.key(30), (2, 64, 64, 3))
     backbone = MobileViTv2Backbone(alpha=0.5, output_stride=8)
-    variables = quick_init(backbone, x, seed=31)
+    variables = random_variables(backbone, x, seed=31)
     apply = {k: jax.jit(lambda v, x, k=k: backbone.clone(kernels=k).apply(v, x)) for k in ("cpu", "portable")}
     cpu, portable = apply["cpu"](variables, x), apply["portable"](variables, x)
     for name in cpu:

@@ -9,6 +9,7 @@ import logging
 import re
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -438,17 +439,15 @@ def _reinitialized(caplog) -> list:
     return re.split(r", (?=\[)", line.split("re-initialized (not in the checkpoint or new shape): ")[1])
 
 
-def test_the_backbone_starts_from_a_classification_checkpoint(converted_050, small_seg_config, caplog):
+def test_the_backbone_starts_from_a_classification_checkpoint(converted_050, small_seg_config, random_like, caplog):
     """init_from a converted ImageNet classifier: every backbone array loaded, the heads (ASPP,
     classifier, aux head) initialized fresh and listed."""
-    import jax
-
     from mvit2_jax import load_model, train
 
     config = small_seg_config()
     config.init_from = converted_050
     steps = train.compile_steps(config, TASK, num_steps=2)
-    fresh = steps.init()
+    fresh = random_like(jax.eval_shape(steps.init))  # a fresh state's layout (no compiled init)
     caplog.set_level(logging.INFO)
     state = train.init_from_pretrained(fresh, config, TASK, steps.mesh)
     _, source = load_model(converted_050)
@@ -467,7 +466,7 @@ def test_the_backbone_starts_from_a_classification_checkpoint(converted_050, sma
 
 
 @pytest.mark.slow
-def test_a_run_on_the_digit_scenes_then_predict_writes_masks(tmp_path, small_seg_config, capsys, caplog):
+def test_a_run_on_the_digit_scenes_then_predict_writes_masks(tmp_path, small_seg_config, random_like, capsys, caplog):
     """The smoke config through the engine: metrics from the confusion matrix, a checkpoint
     that load_model rebuilds, and predict's mask and overlay files for it."""
     from PIL import Image
@@ -493,7 +492,7 @@ def test_a_run_on_the_digit_scenes_then_predict_writes_masks(tmp_path, small_seg
     five = small_seg_config(num_classes=5)
     five.init_from = str(run)
     steps = train.compile_steps(five, TASK, num_steps=2)
-    train.init_from_pretrained(steps.init(), five, TASK, steps.mesh)
+    train.init_from_pretrained(random_like(jax.eval_shape(steps.init)), five, TASK, steps.mesh)  # (no compiled init)
     assert sorted(name.split(" (")[0] for name in _reinitialized(caplog)) == [
         "['aux_head']['classifier']['bias']", "['aux_head']['classifier']['kernel']",
         "['classifier']['bias']", "['classifier']['kernel']",

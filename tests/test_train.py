@@ -240,11 +240,11 @@ def test_eval_mode_without_a_checkpoint_is_a_clear_error(tmp_path, subprocess_en
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-def test_init_from_restores_backbone_and_reinitializes_new_head(converted_050, small_config):
+def test_init_from_restores_backbone_and_reinitializes_new_head(converted_050, small_config, random_like):
     config = small_config()
     config.init_from = converted_050
     steps = train.compile_steps(config, CLASSIFICATION, num_steps=6)
-    fresh = steps.init()
+    fresh = random_like(jax.eval_shape(steps.init))  # a fresh state's layout (no compiled init)
     state = train.init_from_pretrained(fresh, config, CLASSIFICATION, steps.mesh)
     _, source = load_model(converted_050)
     assert source["params"]["head"]["kernel"].shape == (256, 1000)
@@ -291,7 +291,7 @@ def test_evaluating_a_converted_checkpoint_needs_its_data(converted_050, subproc
 
 
 @pytest.mark.slow
-def test_evaluate_checkpoint_of_a_model_directory(tmp_path, small_config, quick_init):
+def test_evaluate_checkpoint_of_a_model_directory(tmp_path, small_config, random_variables):
     """A model directory (one set of weights, no EMA) is evaluated once, with no train state
     made up for it; top-1 equals the argmax accuracy of the model on the eval pipeline."""
     import jax.numpy as jnp
@@ -300,7 +300,7 @@ def test_evaluate_checkpoint_of_a_model_directory(tmp_path, small_config, quick_
     from mvit2_jax.models import MobileViTv2
 
     model = MobileViTv2(alpha=0.5, num_classes=10)
-    variables = quick_init(model, jnp.zeros((1, 32, 32, 3)), seed=3)
+    variables = random_variables(model, jnp.zeros((1, 32, 32, 3)), seed=3)
     save_model(str(tmp_path / "model"), model, variables, meta={"image_size": [32, 32]})
     config = small_config(eval_split="test[:100]")
     metrics = train.evaluate_checkpoint(config, str(tmp_path / "model"))
