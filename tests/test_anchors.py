@@ -171,7 +171,8 @@ def postprocess_loop(loc, logits, anchors, threshold, top_k, iou_threshold, max_
 
 
 def test_postprocess_equals_the_official_class_aware_nms_with_static_shapes():
-    anchors = A.ssd_anchors(64, 64)  # 4x4, 2x2, 1x1, 1x1, 1x1 and the global cell: 154 anchors
+    anchors = A.ssd_anchors(64, 64)  # 4x4, 2x2, 1x1, 1x1, 1x1 and the global cell: 142 anchors
+    assert anchors.shape == (142, 4)
     rng = np.random.default_rng(2)
     B, C = 2, 4
     loc = rng.normal(0, 0.5, (B, len(anchors), 4)).astype(np.float32)

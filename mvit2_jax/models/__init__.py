@@ -1,4 +1,4 @@
-"""The MobileViTv2 model family: backbone, classifier, segmentation heads, blocks, attention units, variant table."""
+"""The MobileViTv2 model family: backbone, classifier, segmentation heads, SSDLite detector, blocks, attention units, variant table."""
 
 from mvit2_jax.models.attention import (
     ATTENTION,
@@ -23,6 +23,7 @@ from mvit2_jax.models.mobilevitv2 import (
     make_divisible,
     widths_for,
 )
+from mvit2_jax.models.detection import MobileViTv2SSD
 from mvit2_jax.models.segmentation import HEADS, MobileViTv2Segmentation
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "MobileViTv2",
     "MobileViTv2Backbone",
     "MobileViTv2Block",
+    "MobileViTv2SSD",
     "MobileViTv2Segmentation",
     "MultiHeadSelfAttention",
     "OUTPUT_STRIDES",
