@@ -97,3 +97,15 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the latest K, plus the best by EMA eval top-1
     c.prefetch = 2
     return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The "smoke" variant of the segmentation and detection quickstarts: 2 steps of batch 32
+    (64 train examples), an eval of 32 test examples at the end, nothing in between."""
+    c.data.train_split, c.data.eval_split = "train[:64]", "test[:32]"
+    c.batch_size, c.eval_batch_size = 32, 32
+    c.num_epochs = 1
+    c.optim.warmup_steps = 1
+    c.log_every_steps = 1
+    c.eval_every_steps = c.checkpoint_every_steps = 1000
+    return c

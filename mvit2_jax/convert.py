@@ -2,13 +2,16 @@
 
     python -m mvit2_jax.convert SRC DST [--image-size N] [--output-stride N] [--aspp-rates A B C]
 
-SRC is a state dict in one of four namings, told apart by its keys:
+SRC is a state dict in one of five namings, told apart by its keys:
 - ml-cvnets classification (``.pt``; ``conv_1.block.conv.weight``, ``layer_3.1.global_rep.0...``);
 - timm classification (``.safetensors``, ``.pth``, ``.bin``; ``stem.conv.weight``, ``stages.2.1...``);
 - ml-cvnets segmentation (``encoder.*`` and ``seg_head.*``: DeepLabv3 or PSPNet, with or
   without the aux head);
 - HF transformers (``mobilevitv2.*`` with ``classifier.*`` or ``segmentation_head.*``:
-  MobileViTV2ForImageClassification / MobileViTV2ForSemanticSegmentation).
+  MobileViTV2ForImageClassification / MobileViTV2ForSemanticSegmentation);
+- ml-cvnets detection (``encoder.*``, ``extra_layers.*`` and ``ssd_heads.*``: SSDLite; the
+  class count and the projection widths are read from the heads, the image size defaults to
+  the official 320x320).
 The width multiplier, the number of classes and the head are read from the weights. What the
 weights cannot tell a segmentation model (its output stride and ASPP rates) comes from the
 flags, else from the HF ``config.json`` beside SRC, else from the official recipe of the
@@ -25,7 +28,8 @@ converted model follows the official code; its results match HF's where HF's mod
 would run code is refused.
 
 Conversion goes in two steps: backbone names are renamed to timm names (`CVNETS_TO_TIMM`,
-`HF_TO_TIMM`) and segmentation-head names to the model's module names (`SEG_HEAD_RULES`),
+`HF_TO_TIMM`) and segmentation- and SSD-head names to the model's module names
+(`SEG_HEAD_RULES`, `DETECTION_RULES`),
 then every name maps onto one Flax variable through one two-way table (`TIMM_FLAX_MODULES`,
 `TIMM_FLAX_LEAVES`), whose module names mirror timm's:
 ``stages.2.1.transformer.0.mlp.fc1.weight`` <-> params/stages_2_1/transformer_0/fc1/kernel.
@@ -50,6 +54,8 @@ from flax import traverse_util
 from mvit2_jax.checkpoint import abstract_variables, save_model
 from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
 from mvit2_jax.models.mobilevitv2 import OUTPUT_STRIDES, VARIANTS, MobileViTv2, Widths, widths_for
+from mvit2_jax.models import anchors as anchor_lib
+from mvit2_jax.models.detection import MobileViTv2SSD
 from mvit2_jax.models.segmentation import MobileViTv2Segmentation
 
 StateDict = Dict[str, np.ndarray]
@@ -132,11 +138,27 @@ SEG_HEAD_RULES: Tuple[Tuple[str, str], ...] = (
 )
 _SEG_HEAD_RULES = tuple((re.compile(p), r) for p, r in SEG_HEAD_RULES)
 
+# SSD name (cvnets "extra_layers.*", "ssd_heads.*") -> the module names of MobileViTv2SSD
+# (extra_os_64/128/256, extra_os_global, head_N.proj, head_N.loc_cls), in timm's leaf naming.
+DETECTION_RULES: Tuple[Tuple[str, str], ...] = (
+    (r"^extra_layers\.os_-1\.1\.block\.conv\.", "extra_os_global."),
+    (r"^extra_layers\.os_(\d+)\.", r"extra_os_\1."),
+    (r"^ssd_heads\.(\d+)\.proj_layer\.", r"head_\1.proj."),
+    (r"^ssd_heads\.(\d+)\.loc_cls_layer\.pw_conv\.block\.conv\.", r"head_\1.loc_cls.pw."),  # conv with a bias, no norm
+    (r"^ssd_heads\.(\d+)\.loc_cls_layer\.block\.conv\.", r"head_\1.loc_cls."),  # the global level's 1x1
+    (r"^ssd_heads\.(\d+)\.loc_cls_layer\.", r"head_\1.loc_cls."),
+    (r"\.(dw|pw)_conv\.", r".\1."),
+    (r"\.block\.conv\.", ".conv."),
+    (r"\.block\.norm\.", ".bn."),
+)
+_DETECTION_RULES = tuple((re.compile(p), r) for p, r in DETECTION_RULES)
+_DETECTION_ROOTS = ("extra_layers.", "ssd_heads.")
+
 _CVNETS_ROOTS = ("conv_1.", "layer_", "classifier.")
 _TIMM_ROOTS = ("stem.", "stages.", "head.")
 _CVNETS_SEG_ROOTS = ("encoder.", "seg_head.")
 _HF_ROOTS = ("mobilevitv2.", "segmentation_head.")
-SCHEMES = ("cvnets", "timm", "cvnets-segmentation", "hf")
+SCHEMES = ("cvnets", "timm", "cvnets-segmentation", "hf", "cvnets-detection")
 
 
 class ConversionError(DataError):
@@ -214,7 +236,9 @@ def load_state_dict(path: str) -> StateDict:
 
 def detect_scheme(names: Sequence[str]) -> str:
     """One of SCHEMES, from the root names of the state dict's keys."""
-    # A segmentation checkpoint is known by its head (a backbone alone names no scheme).
+    # A segmentation or detection checkpoint is known by its head (a backbone alone names no scheme).
+    if any(n.startswith(_DETECTION_ROOTS[1]) for n in names):
+        return "cvnets-detection"
     if any(n.startswith(_HF_ROOTS[1]) for n in names):
         return "hf"
     if any(n.startswith(_CVNETS_SEG_ROOTS[1]) for n in names):
@@ -227,7 +251,8 @@ def detect_scheme(names: Sequence[str]) -> str:
         raise ConversionError(
             f"cannot tell the checkpoint's naming scheme: its keys match {what} of cvnets "
             f"(conv_1., layer_N., classifier.) and timm (stem., stages., head.), nor a segmentation head of cvnets "
-            f"(encoder., seg_head.) or HF transformers (mobilevitv2., segmentation_head.); first keys: {sample}"
+            f"(encoder., seg_head.) or HF transformers (mobilevitv2., segmentation_head.), nor a cvnets SSD (encoder., ssd_heads.); "
+            f"first keys: {sample}"
         )
     return "cvnets" if cvnets else "timm"
 
@@ -247,7 +272,9 @@ def _model_name(key: str, scheme: str) -> str:
     """A key's name in timm's naming (backbone) or the segmentation model's (head)."""
     if key.startswith(("seg_head.", "segmentation_head.")):
         return _apply(_SEG_HEAD_RULES, key)
-    if scheme == "cvnets-segmentation" and key.startswith("encoder."):
+    if key.startswith(_DETECTION_ROOTS):
+        return _apply(_DETECTION_RULES, key)
+    if scheme in ("cvnets-segmentation", "cvnets-detection") and key.startswith("encoder."):
         return cvnets_to_timm_name(key[len("encoder.") :])
     if scheme == "hf":
         return _apply(_HF_RULES, key[len("mobilevitv2.") :] if key.startswith("mobilevitv2.") else key)
@@ -256,7 +283,7 @@ def _model_name(key: str, scheme: str) -> str:
 
 def to_timm_names(state_dict: Mapping[str, np.ndarray]) -> Tuple[StateDict, Dict[str, str]]:
     """(state dict in timm names, {timm name: original name}), whatever the input scheme;
-    segmentation-head keys get the segmentation model's module names."""
+    segmentation- and detection-head keys get those models' module names."""
     scheme = detect_scheme(list(state_dict))
     if scheme == "timm":
         return dict(state_dict), {k: k for k in state_dict}
@@ -448,6 +475,28 @@ def segmentation_model(
     )
 
 
+def is_detection(named: Mapping[str, np.ndarray]) -> bool:
+    """Whether a renamed state dict (see to_timm_names) holds SSD heads."""
+    return any(k.startswith("head_") for k in named)
+
+
+def detection_model(named: Mapping[str, np.ndarray], alpha: float) -> MobileViTv2SSD:
+    """The SSDLite a renamed state dict describes: the class count from the first level's
+    predictions, each level's projection width from its prediction layer's depthwise conv
+    (the global level's from its 1x1 conv)."""
+    levels = len(anchor_lib.OUTPUT_STRIDES)
+    heads = sorted({int(k.split(".")[0][len("head_"):]) for k in named if k.startswith("head_")})
+    if heads != list(range(levels)):
+        raise ConversionError(f"the SSD checkpoint has prediction heads {heads}; the official output strides {anchor_lib.OUTPUT_STRIDES} need {levels}")
+    outputs = _shape(named, "head_0.loc_cls.pw.weight")[0]
+    per_anchor, rest = divmod(outputs, anchor_lib.anchors_per_cell(anchor_lib.ASPECT_RATIOS[0]))
+    if rest or per_anchor <= 5:
+        raise ConversionError(f"the first SSD head predicts {outputs} channels: not {anchor_lib.anchors_per_cell(anchor_lib.ASPECT_RATIOS[0])} anchors x (4 + classes)")
+    proj = [_shape(named, f"head_{i}.loc_cls.dw.conv.weight")[0] for i in range(levels - 1)]
+    proj.append(_shape(named, "extra_os_global.weight")[0])
+    return MobileViTv2SSD(alpha=alpha, num_classes=per_anchor - 4, proj_channels=tuple(proj))
+
+
 # --------------------------------------------------------------------------- conversion
 
 
@@ -457,7 +506,7 @@ def _torch_ndim(path: Path, ndim: int) -> int:
     return 4 if ndim == 2 and path[1] != "head" else ndim
 
 
-Model = Union[MobileViTv2, MobileViTv2Segmentation]
+Model = Union[MobileViTv2, MobileViTv2Segmentation, MobileViTv2SSD]
 
 
 def convert_state_dict(
@@ -475,8 +524,11 @@ def convert_state_dict(
     scheme = detect_scheme(list(arrays))
     named, origin = to_timm_names(arrays)
     alpha = detect_alpha(named)
-    if is_segmentation(named):
-        model: Model = segmentation_model(named, alpha, output_stride, aspp_rates)
+    if is_detection(named):
+        model: Model = detection_model(named, alpha)
+        described = f"MobileViTv2SSD(alpha={alpha}, num_classes={model.num_classes}, proj_channels={model.proj_channels})"
+    elif is_segmentation(named):
+        model = segmentation_model(named, alpha, output_stride, aspp_rates)
         described = f"MobileViTv2Segmentation(alpha={alpha}, head={model.head!r}, num_classes={model.num_classes}, aux_head={model.aux_head})"
     else:
         model = MobileViTv2(alpha=alpha, num_classes=detect_num_classes(named))
@@ -530,6 +582,7 @@ def convert_state_dict(
 
 
 SEGMENTATION_IMAGE_SIZE = 512  # the official segmentation crops and evaluation short side
+DETECTION_IMAGE_SIZE = 320  # the official SSD input
 
 
 def default_image_size(src: str) -> int:
@@ -588,15 +641,23 @@ def convert(
         state_dict, output_stride or defaults.get("output_stride"), aspp_rates or defaults.get("aspp_rates")
     )
     segmentation = isinstance(model, MobileViTv2Segmentation)
+    detection = isinstance(model, MobileViTv2SSD)
     if image_size is None:
-        image_size = SEGMENTATION_IMAGE_SIZE if segmentation else default_image_size(src)
+        image_size = SEGMENTATION_IMAGE_SIZE if segmentation else DETECTION_IMAGE_SIZE if detection else default_image_size(src)
     size = [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
     if len(size) != 2 or min(size) <= 0:
         raise ConfigError(f"image_size must be N or (height, width) with positive values, got {image_size!r}")
     meta = {"source": os.path.abspath(src), "image_size": size}
+    if detection and (size[0] % 32 or size[1] % 32):
+        raise ConfigError(f"an SSD's image size must be divisible by 32, got {size[0]}x{size[1]}")
     if segmentation:
         meta["class_names"] = segmentation_class_names(model.num_classes, defaults)
-    return save_model(dst, model, variables, meta=meta, task="segmentation" if segmentation else "classification")
+    if detection:
+        from mvit2_jax.data.det_datasets import detection_class_names
+
+        meta["class_names"] = detection_class_names(model.num_classes)
+    task = "segmentation" if segmentation else "detection" if detection else "classification"
+    return save_model(dst, model, variables, meta=meta, task=task)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -604,13 +665,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mvit2_jax.convert",
         description="Convert an official MobileViTv2 checkpoint (cvnets .pt, timm .safetensors/.pth/.bin, "
-        "cvnets DeepLabv3/PSPNet segmentation, HF transformers) into an mvit2_jax model directory.",
+        "cvnets DeepLabv3/PSPNet segmentation, HF transformers, cvnets SSDLite detection) into an mvit2_jax model directory.",
     )
     parser.add_argument("src", metavar="SRC", help="checkpoint file")
     parser.add_argument("dst", metavar="DST", help="new or empty output directory")
     parser.add_argument(
         "--image-size", type=int, default=None, metavar="N",
-        help="training/evaluation resolution to record (default: 512 for segmentation; 384 if SRC's name contains 384, else 256)",
+        help="training/evaluation resolution to record (default: 512 for segmentation, 320 for SSD; 384 if SRC's name contains 384, else 256)",
     )
     parser.add_argument(
         "--output-stride", type=int, default=None, choices=OUTPUT_STRIDES,

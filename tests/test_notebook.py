@@ -83,3 +83,17 @@ def test_notebook_segments_with_converted_weights_and_fine_tunes(executed):
     assert meta["task"] == "segmentation" and recorded.pop("init_from") == str(workdir / "mobilevitv2_050_in1k")
     expected.pop("init_from")
     assert recorded == json.loads(json.dumps(expected))
+
+
+@pytest.mark.slow
+def test_notebook_detects_with_converted_weights_and_fine_tunes(executed):
+    """The detection part: the fixture's SSDLite converted (COCO's classes), boxes drawn and
+    written as JSON, and the detection smoke config fine-tuned from the converted backbone."""
+    nb, workdir = executed
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "SSDLite on MobileViTv2-0.5: 81 classes (with the background)" in text
+    assert "test mAP:" in text and "VOC07 mAP@0.5" in text
+    for name in ("example_boxes.png", "scene_boxes.png"):
+        assert (workdir / "boxes" / name).stat().st_size > 100
+    assert json.loads((workdir / "boxes" / "example_detections.json").read_text())  # threshold 0: the 200 best
+    assert read_config(str(workdir / "detect_digit_boxes"))[0]["config"]["init_from"] == str(workdir / "mobilevitv2_050_in1k")

@@ -1,14 +1,15 @@
 """Input pipeline: TFDS datasets (incl. the offline digits and image folders), image ops,
 augmentation, the train stream and eval pass every task shares, batch mixing.
 
-Importing this package registers the built-in TFDS datasets "mvit2_digits" (classification)
-and "mvit2_digit_scenes" (segmentation), and the builders of the official segmentation
+Importing this package registers the built-in TFDS datasets "mvit2_digits" (classification),
+"mvit2_digit_scenes" (segmentation) and "mvit2_digit_boxes" (detection), and the builders of the official segmentation
 datasets from manual downloads, "mvit2_ade20k" and "mvit2_voc_aug" (seg_datasets.py). A directory given as the dataset name is an
 image-folder dataset (folder.py); `DatasetSpec` carries its options. Segmentation's pairs of
-image and label map go through segmentation.py.
+image and label map go through segmentation.py, detection's images and boxes through
+detection.py.
 """
 
-from mvit2_jax.data import digit_scenes, digits, seg_datasets  # noqa: F401  (register the builders)
+from mvit2_jax.data import digit_boxes, digit_scenes, digits, seg_datasets  # noqa: F401  (register the builders)
 from mvit2_jax.data.folder import BadImageError, FolderError, FolderOptions, is_folder_dataset
 from mvit2_jax.data.pipeline import (
     TrainAugmentation,

@@ -41,18 +41,38 @@ def _enlarge(digit: np.ndarray, size: int) -> np.ndarray:
     return rows[:, lo] * (1 - t)[None, :] + rows[:, hi] * t[None, :]
 
 
-def canvas(rng: np.random.Generator, ink: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """One (uint8 image [64, 64, 3], uint8 label map [64, 64, 1]) from digits `ink` [N, 8, 8] in [0, 1]."""
+def canvas_objects(
+    rng: np.random.Generator,
+    ink: np.ndarray,
+    labels: np.ndarray,
+    digit_sizes: Tuple[int, int] = DIGIT_SIZES,
+    max_digits: int = 3,
+    apart: bool = False,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (uint8 image [64, 64, 3], uint8 label map [64, 64, 1], objects [N, 5]) from digits
+    `ink` [N, 8, 8] in [0, 1]: 1 to `max_digits` digits of `digit_sizes` pixels (inclusive).
+    Each object row is the digit's ink box in pixels (x0, y0, x1, y1: the extent of its
+    labelled pixels, x1 and y1 exclusive, before later digits cover it) and its digit 0-9,
+    in drawing order. With `apart`, a digit's square is drawn again (up to 20 times) while it
+    overlaps an earlier digit's square, and the digit is left out if it still does."""
     y, x = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1)
     angle = rng.uniform(0, 2 * np.pi)
     t = (np.cos(angle) * x + np.sin(angle) * y + 1.0) / 2.0
     c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
     image = c0 * (1 - t[..., None]) + c1 * t[..., None] + rng.normal(0, 0.03, (SIZE, SIZE, 3))
     label = np.zeros((SIZE, SIZE), np.uint8)
-    for _ in range(rng.integers(1, 4)):
+    objects, squares = [], []
+    for _ in range(rng.integers(1, max_digits + 1)):
         i = rng.integers(len(ink))
-        size = int(rng.integers(DIGIT_SIZES[0], DIGIT_SIZES[1] + 1))
-        top, left = rng.integers(0, SIZE - size + 1, 2)
+        for _ in range(20 if apart else 1):
+            size = int(rng.integers(digit_sizes[0], digit_sizes[1] + 1))
+            top, left = rng.integers(0, SIZE - size + 1, 2)
+            clear = all(left >= r or left + size <= l or top >= b or top + size <= t for l, t, r, b in squares)
+            if clear:
+                break
+        if apart and not clear:
+            continue
+        squares.append((left, top, left + size, top + size))
         alpha = np.clip(_enlarge(ink[i], size), 0.0, 1.0)
         region = image[top : top + size, left : left + size]
         background = region.mean(axis=(0, 1))
@@ -60,29 +80,36 @@ def canvas(rng: np.random.Generator, ink: np.ndarray, labels: np.ndarray) -> Tup
         region[:] = region * (1 - alpha[..., None]) + color * alpha[..., None]
         drawn = alpha >= INK_THRESHOLD * alpha.max()
         label[top : top + size, left : left + size][drawn] = labels[i] + 1
+        rows, cols = np.nonzero(drawn)
+        objects.append([left + cols.min(), top + rows.min(), left + cols.max() + 1, top + rows.max() + 1, labels[i]])
     image = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-    return image, label[..., None]
+    return image, label[..., None], np.asarray(objects, np.int64).reshape(-1, 5)
 
 
-class DigitScenes(tfds.core.GeneratorBasedBuilder):
+def canvas(rng: np.random.Generator, ink: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """One (uint8 image [64, 64, 3], uint8 label map [64, 64, 1]): see canvas_objects."""
+    image, label, _ = canvas_objects(rng, ink, labels)
+    return image, label
+
+
+def canvas_info(builder: tfds.core.DatasetBuilder, description: str, **features: Any) -> tfds.core.DatasetInfo:
+    """The DatasetInfo of a dataset of 64x64 canvases ("image", PNG) with `features`, whose
+    class names are CLASS_NAMES."""
+    image = tfds.features.Image(shape=(SIZE, SIZE, 3), encoding_format="png")
+    return builder.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"image": image, **features}),
+        description=description,
+        metadata=tfds.core.MetadataDict(class_names=CLASS_NAMES),
+    )
+
+
+class DigitScenes(digits.OfflineBuilder):
     """Digits on 64x64 canvases with per-pixel labels (11 classes); prepares offline."""
 
     name = NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    PREPARES_OFFLINE = True  # read by mvit2_jax.data.sources: safe to prepare on first use
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(SIZE, SIZE, 3), encoding_format="png"),
-                    "label": tfds.features.Image(shape=(SIZE, SIZE, 1), encoding_format="png"),
-                }
-            ),
-            description=__doc__,
-            metadata=tfds.core.MetadataDict(class_names=CLASS_NAMES),
-        )
+        return canvas_info(self, __doc__, label=tfds.features.Image(shape=(SIZE, SIZE, 1), encoding_format="png"))
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> Dict[str, Any]:
         del dl_manager  # Nothing to download: the digits ship with scikit-learn.

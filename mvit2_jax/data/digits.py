@@ -41,13 +41,19 @@ def split_indices(labels: np.ndarray) -> Dict[str, np.ndarray]:
     return {"train": np.sort(train), "test": np.sort(test)}
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
-    """scikit-learn's 8x8 handwritten digits as uint8 RGB images; prepares offline."""
+class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the built-in datasets made from scikit-learn's digits: version 1.0.0, prepared
+    offline on first use."""
 
-    name = NAME
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     PREPARES_OFFLINE = True  # read by mvit2_jax.data.sources: safe to prepare on first use
+
+
+class Digits(OfflineBuilder):
+    """scikit-learn's 8x8 handwritten digits as uint8 RGB images; prepares offline."""
+
+    name = NAME
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(

@@ -13,7 +13,9 @@ be prepared.
 
 A dataset name that is a directory ("/data/pets", "~/pets", "./pets", "data/pets" when it
 exists) is an image-folder dataset (folder.py): one sub-folder per class, no code needed;
-or, when it holds images/ and masks/, a segmentation folder (mask_folder.py).
+or, when it holds images/ and masks/, a segmentation folder (mask_folder.py). A COCO-format
+annotation file ("/data/mine/train.json") or COCO-layout directory is a detection dataset
+(coco_folder.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Dict, List, Optional, Union
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mvit2_jax.data import folder, mask_folder
+from mvit2_jax.data import coco_folder, folder, mask_folder
 from mvit2_jax.data.folder import FolderOptions
 from mvit2_jax.errors import DataError
 
@@ -73,6 +75,8 @@ def get_builder(dataset: DatasetLike, data_dir: Optional[str] = None) -> tfds.co
     """The TFDS builder of a dataset ("imagenet2012", "cifar10", "imagenette/320px-v2", ...)
     or of an image folder given by its path ("/data/pets", "~/pets", "./pets"; see folder.py)."""
     spec = as_spec(dataset, data_dir)
+    if coco_folder.is_coco_folder(spec.name):
+        return coco_folder.builder(spec.name, spec.data_dir, spec.folder)
     if folder.is_folder_dataset(spec.name):
         kind = mask_folder if mask_folder.is_mask_folder(spec.name) else folder
         return kind.builder(spec.name, spec.data_dir, spec.folder)

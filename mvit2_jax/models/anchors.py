@@ -44,9 +44,11 @@ def anchors_per_cell(aspect_ratios: Sequence[int]) -> int:
 
 
 def feature_map_sizes(height: int, width: int, output_strides: Sequence[int] = OUTPUT_STRIDES) -> Tuple[Tuple[int, int], ...]:
-    """The (H, W) of each level for an input whose sides are divisible by 32: layer4 and layer5
-    at strides 16 and 32, each extra level a stride-2 3x3 convolution with padding 1 on the
-    previous one (ceil(n / 2)), the global level 1x1."""
+    """The (H, W) of each level for an input whose sides are divisible by 32: layer4 at stride
+    16; layer5 at stride 32, an odd side made even (layer5's MobileViTv2 block resizes its
+    input to whole 2x2 patches and keeps that size, as the official block does: 96 -> 3 -> 4);
+    each extra level a stride-2 3x3 convolution with padding 1 on the previous one
+    (ceil(n / 2)); the global level 1x1."""
     if height % 32 or width % 32:
         raise ValueError(f"SSD input sides must be divisible by 32, got {height}x{width}")
     sizes, h, w = [], height // 16, width // 16
@@ -57,7 +59,7 @@ def feature_map_sizes(height: int, width: int, output_strides: Sequence[int] = O
         if os == 16:
             h, w = height // 16, width // 16
         elif os == 32:
-            h, w = height // 32, width // 32
+            h, w = 2 * -(-height // 64), 2 * -(-width // 64)
         else:
             h, w = -(-h // 2), -(-w // 2)
         sizes.append((h, w))

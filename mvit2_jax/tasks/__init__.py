@@ -11,7 +11,11 @@ import importlib
 from mvit2_jax.errors import ConfigError
 from mvit2_jax.tasks.base import Task
 
-TASKS = {"classification": "mvit2_jax.tasks.classification", "segmentation": "mvit2_jax.tasks.segmentation"}
+TASKS = {
+    "classification": "mvit2_jax.tasks.classification",
+    "segmentation": "mvit2_jax.tasks.segmentation",
+    "detection": "mvit2_jax.tasks.detection",
+}
 
 
 def get(name: str) -> Task:

@@ -80,7 +80,12 @@ class Task(Protocol):
         """Additive sums over the real (mask 1) examples of an eval batch."""
 
     def finalize(self, sums: Mapping[str, np.ndarray], count: float) -> Dict[str, float]:
-        """Eval metrics from the sums over a whole split of `count` examples."""
+        """Eval metrics from the sums over a whole split of `count` examples.
+
+        A task whose metrics are not sums (detection's mAP) also defines
+        `eval_examples(outputs, batch, config) -> {name: [B, ...] array}` (inside the eval
+        step); the engine then gathers those arrays of every real example of the split on the
+        host and calls `finalize(sums, count, examples={name: [N, ...] array})`."""
 
 
 class ImageTask:

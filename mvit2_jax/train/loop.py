@@ -81,14 +81,24 @@ def evaluate(
         )
         batches = tqdm.tqdm(batches, total=n, desc="eval", unit="batch")
     totals = None
+    gathered: Dict[str, list] = {}  # per weight set, the real examples' arrays of each batch
     for batch in batches:
         sums = steps.eval(weights, batch)
+        examples = sums.pop("examples", None)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if examples is not None:
+            examples = jax.device_get(examples)
+            real = np.asarray(examples["mask"]) > 0
+            for name, arrays in examples["sets"].items():
+                gathered.setdefault(name, []).append({k: np.asarray(v)[real] for k, v in arrays.items()})
     totals = jax.device_get(totals)
     count = float(totals["count"])
     out: Dict[str, float] = {}
     for prefix, sums in totals["sums"].items():  # metric names carry their weights' name: top1, ema_top1
-        out.update({prefix + k: v for k, v in steps.task.finalize(sums, count).items()})
+        extra = {}
+        if prefix in gathered:
+            extra["examples"] = {k: np.concatenate([b[k] for b in gathered[prefix]]) for k in gathered[prefix][0]}
+        out.update({prefix + k: v for k, v in steps.task.finalize(sums, count, **extra).items()})
     out["num_examples"] = count
     return out
 

@@ -90,14 +90,21 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(weights: Mapping[str, Any], batch: Batch, *, task: Task, model: nn.Module) -> Dict[str, Any]:
+def eval_step(weights: Mapping[str, Any], batch: Batch, *, task: Task, model: nn.Module, config: ml_collections.ConfigDict) -> Dict[str, Any]:
     """{"count": real (mask 1) examples, "sums": {name: the task's sums}} of a batch, for each
-    named set of weights ({"": raw, "ema_": EMA} or one set)."""
-    sums = {}
+    named set of weights ({"": raw, "ema_": EMA} or one set). A task with `eval_examples`
+    (metrics that are not sums, such as detection's mAP) adds {"examples": {"mask", "sets":
+    {name: its per-example arrays}}}: the engine gathers the real examples on the host."""
+    sums, examples = {}, {}
     for name, variables in weights.items():
         outputs = model.apply(variables, task.inputs(batch), train=False)
         sums[name] = task.eval_sums(outputs, batch)
-    return {"count": batch["mask"].sum(), "sums": sums}
+        if hasattr(task, "eval_examples"):
+            examples[name] = task.eval_examples(outputs, batch, config)
+    out = {"count": batch["mask"].sum(), "sums": sums}
+    if examples:
+        out["examples"] = {"mask": batch["mask"], "sets": examples}
+    return out
 
 
 @flax.struct.dataclass
@@ -167,7 +174,7 @@ def compile_steps(
         donate_argnums=(0,),
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, task=task, model=model), in_shardings=(replicated, batch_sharding), out_shardings=replicated
+        functools.partial(eval_step, task=task, model=model, config=config), in_shardings=(replicated, batch_sharding), out_shardings=replicated
     )
     steps = Steps(train=train, eval=evaluate, init=init, model=model, task=task, schedule=schedule, mesh=mesh)
     _COMPILED[key] = steps
