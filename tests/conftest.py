@@ -131,10 +131,17 @@ def reference_config():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: whole training runs, subprocesses and the notebook (not in the fast tier)")
     if not hasattr(config, "workerinput"):  # the controller: prepare the digits once, before any worker
-        from mvit2_jax.data import check_split, digit_scenes, digits
+        from mvit2_jax.data import check_split, digit_boxes, digit_scenes, digits
 
-        check_split(digits.NAME, "train")
-        check_split(digit_scenes.NAME, "train")
+        for name in (digits.NAME, digit_scenes.NAME, digit_boxes.NAME):
+            check_split(name, "train")
+
+
+def pytest_collection_modifyitems(items):
+    """The notebook runs last: its worker's xdist group ("notebook") runs the segmentation and
+    detection end-to-end tests first, so the notebook's kernel loads their compiled steps (and
+    those of the training tests, by then in the persistent cache) instead of compiling them."""
+    items.sort(key=lambda item: item.path.name == "test_notebook.py")  # (a stable sort)
 
 
 def _helper_fixture(name, value):

@@ -76,6 +76,7 @@ def test_the_task_finalizes_losses_per_positive_and_both_maps():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("notebook")  # before the notebook, whose detection part then loads these compiled steps
 def test_a_detection_run_on_the_digit_boxes_then_predict_draws_them(tmp_path, random_like, capsys, caplog):
     """The smoke config through the engine: COCO and VOC metrics over the whole eval split, a
     checkpoint that load_model rebuilds, fine-tuning to another class count (the class

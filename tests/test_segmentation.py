@@ -466,6 +466,7 @@ def test_the_backbone_starts_from_a_classification_checkpoint(converted_050, sma
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("notebook")  # before the notebook, whose segmentation part then loads these compiled steps
 def test_a_run_on_the_digit_scenes_then_predict_writes_masks(tmp_path, small_seg_config, random_like, capsys, caplog):
     """The smoke config through the engine: metrics from the confusion matrix, a checkpoint
     that load_model rebuilds, and predict's mask and overlay files for it."""
