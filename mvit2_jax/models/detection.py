@@ -19,7 +19,6 @@ background). mvit2_jax.models.anchors.postprocess turns them into detections.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Tuple
 
 import flax.linen as nn
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 from mvit2_jax.errors import ConfigError
 from mvit2_jax.models import anchors as anchor_lib
 from mvit2_jax.models.layers import Conv, ConvBN
-from mvit2_jax.models.mobilevitv2 import MobileViTv2Backbone, compute_dtype, module_config
+from mvit2_jax.models.mobilevitv2 import compute_dtype, module_config, setup_backbone
 
 Dtype = Any
 EXTRA_STRIDES = (64, 128, 256)
@@ -114,9 +113,7 @@ class MobileViTv2SSD(nn.Module):
         if len(self.proj_channels) != len(anchor_lib.OUTPUT_STRIDES):
             raise ConfigError(f"proj_channels needs {len(anchor_lib.OUTPUT_STRIDES)} widths, got {tuple(self.proj_channels)}")
         dtype = compute_dtype(self.dtype)
-        backbone_fields = {f.name for f in dataclasses.fields(MobileViTv2Backbone)} - {"parent", "name", "output_stride"}
-        self.backbone = MobileViTv2Backbone(**{k: v for k, v in module_config(self).items() if k in backbone_fields})
-        nn.share_scope(self, self.backbone)  # backbone variables at the top level, as in the classifier
+        setup_backbone(self, output_stride=32)
         kw = dict(dtype=dtype, kernels=self.kernels)
         self.extras = [
             SeparableConv(self.proj_channels[i], 3, 2, name=f"extra_os_{os}", **kw) for i, os in enumerate(EXTRA_STRIDES, start=2)

@@ -388,9 +388,7 @@ class MobileViTv2(nn.Module):
         return module_config(self)
 
     def setup(self) -> None:
-        backbone_fields = {f.name for f in dataclasses.fields(MobileViTv2Backbone)} - {"parent", "name"}
-        self.backbone = MobileViTv2Backbone(**{k: v for k, v in self.config().items() if k in backbone_fields})
-        nn.share_scope(self, self.backbone)  # the backbone's variables sit at the top level, as in timm
+        setup_backbone(self)
         self.head_drop = nn.Dropout(self.head_dropout)
         self.head = dense(
             self.num_classes,
@@ -405,6 +403,16 @@ class MobileViTv2(nn.Module):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = self.head_drop(x, deterministic=not train)
         return self.head(x)
+
+
+def setup_backbone(host: nn.Module, **fixed: Any) -> None:
+    """In `host.setup`: `host.backbone`, the MobileViTv2Backbone of the host's fields of the
+    same names (alpha, attention, dtype, kernels, ...; `fixed` overrides them), its variables
+    at the host's top level ("stem", "layer1", ...) as in the classifier and timm, so that
+    the classifier, segmentation and detection models share one backbone layout."""
+    fields = {f.name for f in dataclasses.fields(MobileViTv2Backbone)} - {"parent", "name"}
+    host.backbone = MobileViTv2Backbone(**{**{k: v for k, v in module_config(host).items() if k in fields}, **fixed})
+    nn.share_scope(host, host.backbone)
 
 
 def module_config(module: nn.Module, exclude: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:

@@ -19,7 +19,6 @@ checkpoint starts a segmentation run path for path.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -30,7 +29,7 @@ import numpy as np
 
 from mvit2_jax.errors import ConfigError
 from mvit2_jax.models.layers import Conv, ConvBN, resize_bilinear_align_corners
-from mvit2_jax.models.mobilevitv2 import MobileViTv2Backbone, compute_dtype, module_config
+from mvit2_jax.models.mobilevitv2 import compute_dtype, module_config, setup_backbone
 
 Dtype = Any
 HEADS = ("deeplabv3", "pspnet")
@@ -178,9 +177,7 @@ class MobileViTv2Segmentation(nn.Module):
         if self.head == "deeplabv3" and len(self.aspp_rates) != 3:
             raise ConfigError(f"aspp_rates must be three dilation rates such as (6, 12, 18), got {tuple(self.aspp_rates)}")
         dtype = compute_dtype(self.dtype)
-        backbone_fields = {f.name for f in dataclasses.fields(MobileViTv2Backbone)} - {"parent", "name"}
-        self.backbone = MobileViTv2Backbone(**{k: v for k, v in module_config(self).items() if k in backbone_fields})
-        nn.share_scope(self, self.backbone)  # backbone variables at the top level, as in the classifier
+        setup_backbone(self)
         kw = dict(dropout=self.head_dropout, dtype=dtype, kernels=self.kernels)
         if self.head == "deeplabv3":
             self.context = ASPP(self.aspp_features, tuple(self.aspp_rates), name="aspp", **kw)
