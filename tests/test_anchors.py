@@ -128,7 +128,7 @@ def multibox_loss_loop(loc_pred, logits, loc_target, labels, ratio):
         d = np.abs(loc_pred[b][pos] - loc_target[b][pos])
         reg += np.where(d < 1, 0.5 * d**2, d - 0.5).sum()
         negatives = np.flatnonzero(~pos)
-        hardest = negatives[np.argsort(log_p[negatives, 0], kind="stable")][: 3 * int(pos.sum())]
+        hardest = negatives[np.argsort(log_p[negatives, 0], kind="stable")][: ratio * int(pos.sum())]
         keep = np.concatenate([np.flatnonzero(pos), hardest])
         cls += -log_p[keep, labels[b][keep]].sum()
     return (reg + cls) / num_pos, reg / num_pos, cls / num_pos
@@ -148,6 +148,31 @@ def test_multibox_loss_equals_the_official_definition():
     np.testing.assert_allclose(got, multibox_loss_loop(loc_pred, logits, loc_target, labels, 3), rtol=1e-5)
     # No positives anywhere: the loss is 0 (divided by 1), not NaN.
     assert float(multibox_loss(loc_pred, logits, loc_target, np.zeros_like(labels))[0]) == 0.0
+
+
+def test_the_task_loss_reports_its_parts_with_the_configured_negative_ratio():
+    """The detection task's loss returns the total and its location and classification parts
+    (logged as train metrics, not computed again), both with config.detection.neg_pos_ratio;
+    the eval sums use that ratio too."""
+    from experiments.detection import quickstart
+    from mvit2_jax.tasks.detection import TASK
+
+    rng = np.random.default_rng(2)
+    B, N, C = 2, 40, 4
+    loc_pred, loc_target = rng.normal(0, 1.5, (B, N, 4)), rng.normal(0, 1.5, (B, N, 4))
+    logits = rng.normal(0, 2, (B, N, C))
+    labels = np.where(rng.uniform(size=(B, N)) < 0.15, rng.integers(1, C, (B, N)), 0)
+    config = quickstart.get_config()
+    config.detection.neg_pos_ratio = 1
+    total, parts = TASK.loss({"loc": loc_pred, "cls": logits}, (loc_target, labels), config)
+    want = multibox_loss_loop(loc_pred, logits, loc_target, labels, 1)
+    np.testing.assert_allclose([total, parts["loc_loss"], parts["cls_loss"]], want, rtol=1e-5)
+    assert not np.isclose(want[2], multibox_loss_loop(loc_pred, logits, loc_target, labels, 3)[2])
+    batch = {"loc": loc_target, "cls": labels, "mask": np.ones(B, np.float32)}
+    sums = TASK.eval_sums({"loc": loc_pred, "cls": logits}, batch, config)
+    positives = float((labels > 0).sum())
+    assert sums["positives"] == positives
+    np.testing.assert_allclose([sums["loc_loss"] / positives, sums["cls_loss"] / positives], want[1:], rtol=1e-5)
 
 
 def postprocess_loop(loc, logits, anchors, threshold, top_k, iou_threshold, max_detections):

@@ -401,6 +401,23 @@ def test_segmentation_runs_refuse_folders_without_masks_and_tfds_scene_parse150(
         TASK.check_data(small_seg_config(dataset="scene_parse150"))
 
 
+def test_the_eval_size_can_differ_from_the_train_crops(small_seg_config):
+    """config.data.eval_image_size: the eval pass's resize and the size the run records for
+    predict and export; unset, the train crop's size; under 32 a one-line ConfigError."""
+    from mvit2_jax.errors import ConfigError
+
+    config = small_seg_config(eval_split="test[:3]")
+    assert config.data.eval_image_size is None and TASK.run_meta(config)["image_size"] == [64, 64]
+    config.data.eval_image_size = 96
+    TASK.check_config(config)
+    assert TASK.run_meta(config)["image_size"] == [96, 96]
+    batch = next(TASK.eval_input(config))
+    assert batch["image"].shape[1:] == (96, 96, 3) and batch["label"].shape[1:] == (96, 96)
+    config.data.eval_image_size = 16
+    with pytest.raises(ConfigError, match=r"^config.data.eval_image_size must be at least 32 .*got 16$"):
+        TASK.check_config(config)
+
+
 # ----------------------------------------------------------------------------- the official recipes
 
 

@@ -121,6 +121,58 @@ def test_frozen_and_slower_backbone(small_config):
     np.testing.assert_allclose(updates["slow"]["head"]["kernel"], updates["plain"]["head"]["kernel"])
 
 
+def test_a_loss_with_parts_logs_them_averaged_over_micro_batches(small_config):
+    """A task's loss may return (loss, {name: part}): the step logs the parts beside the loss,
+    as means over the micro-batches when gradients are accumulated, and the update is the
+    same with or without them."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from mvit2_jax.train.state import init_state
+
+    class Toy:
+        parts = True
+
+        def prepare_batch(self, key, batch, config):
+            return batch["x"], batch["y"]
+
+        def loss(self, outputs, targets, config):
+            squared, absolute = jnp.mean((outputs - targets) ** 2), jnp.mean(jnp.abs(outputs - targets))
+            return (squared, {"abs": absolute, "squared": squared}) if self.parts else squared
+
+        def train_metrics(self, outputs, batch):
+            return {"mean_output": jnp.mean(outputs)}
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(1)(x)
+
+    model = Linear()
+    x = np.linspace(-1, 1, 8, dtype=np.float32)[:, None]
+    batch = {"x": x, "y": 3 * x + 1}
+    tx = optax.sgd(0.1)
+    state = init_state(model, tx, x[:1], 0)
+    config = small_config()
+    results = {}
+    for parts, accum in ((True, 1), (True, 2), (False, 2)):
+        task = Toy()
+        task.parts = parts
+        config.grad_accum_steps = accum
+        step = jax.jit(lambda s, b: train.train_step(s, b, task=task, model=model, tx=tx, schedule=optax.constant_schedule(0.1), config=config))
+        results[parts, accum] = step(state, batch)
+    (one, m1), (two, m2), (plain, m0) = results[True, 1], results[True, 2], results[False, 2]
+    out = np.asarray(model.apply({"params": state.params}, x))
+    err = out - batch["y"]
+    np.testing.assert_allclose(m1["abs"], np.abs(err).mean(), rtol=1e-6)
+    halves = [np.abs(err[j::2]).mean() for j in range(2)]  # micro-batch j: rows j, j+2, ...
+    np.testing.assert_allclose(m2["abs"], np.mean(halves), rtol=1e-6)
+    np.testing.assert_allclose([m1["squared"], m2["squared"]], [m1["loss"], m2["loss"]], rtol=1e-6)
+    assert "abs" not in m0 and "mean_output" in m0
+    jax.tree.map(np.testing.assert_array_equal, two.params, plain.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), one.params, two.params)
+
+
 # A child process with 4 CPU devices runs one train step of the engine on a 1-device mesh and
 # on a 4-device mesh, from the same state on the same batch, and saves both results.
 _ONE_VS_FOUR = """

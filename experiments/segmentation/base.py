@@ -68,7 +68,8 @@ def get_config(dataset: str = "ade20k", head: str = "deeplabv3", alpha: float = 
     d.folder_val_fraction = 0.1
     d.folder_split_seed = 0
     d.bad_files = "skip"
-    d.image_size = 512  # train crops and eval resize
+    d.image_size = 512  # train crops (and the eval resize unless eval_image_size is set)
+    d.eval_image_size = config_dict.placeholder(int)  # the eval resize (predict and export use it too); unset: image_size
     d.short_side_min = 256
     d.short_side_max = 768
     d.max_image_dim = 1024

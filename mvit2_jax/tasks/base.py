@@ -9,7 +9,7 @@ batches (the engine sums them over the whole split and then calls `finalize`).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,7 @@ from mvit2_jax.errors import ConfigError
 
 Config = ml_collections.ConfigDict
 Batch = Dict[str, Any]
+LossOut = Union[jax.Array, Tuple[jax.Array, Dict[str, jax.Array]]]
 MIN_IMAGE_SIZE = 32  # the network's total stride
 
 
@@ -70,13 +71,15 @@ class Task(Protocol):
     def prepare_batch(self, key: jax.Array, batch: Batch, config: Config) -> Tuple[Any, Any]:
         """(model input, loss targets) of a train batch, with on-device augmentation."""
 
-    def loss(self, outputs: Any, targets: Any, config: Config) -> jax.Array:
-        """The mean loss of a (micro-)batch."""
+    def loss(self, outputs: Any, targets: Any, config: Config) -> LossOut:
+        """The mean loss of a (micro-)batch, or (that loss, {name: mean scalar}): the named
+        parts (detection's location and classification losses) are logged with the train
+        metrics, averaged over micro-batches, so that no hook computes the loss twice."""
 
     def train_metrics(self, outputs: Any, batch: Batch) -> Dict[str, jax.Array]:
         """Batch means logged during training."""
 
-    def eval_sums(self, outputs: Any, batch: Batch) -> Dict[str, jax.Array]:
+    def eval_sums(self, outputs: Any, batch: Batch, config: Config) -> Dict[str, jax.Array]:
         """Additive sums over the real (mask 1) examples of an eval batch."""
 
     def finalize(self, sums: Mapping[str, np.ndarray], count: float) -> Dict[str, float]:

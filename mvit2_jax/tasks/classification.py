@@ -163,7 +163,8 @@ class Classification(ImageTask):
         labels = batch["label"]
         return {"top1": topk_correct(outputs, labels, 1).mean(), "top5": topk_correct(outputs, labels, 5).mean()}
 
-    def eval_sums(self, outputs: jax.Array, batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
+    def eval_sums(self, outputs: jax.Array, batch: Mapping[str, Any], config: Config) -> Dict[str, jax.Array]:
+        del config
         mask, labels = batch["mask"], batch["label"]
         logits = outputs.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

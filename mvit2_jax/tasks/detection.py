@@ -321,17 +321,20 @@ class Detection(ImageTask):
         del key  # augmentation and matching happen in the input pipeline
         return batch["image"], (batch["loc"], batch["cls"])
 
-    def loss(self, outputs: Mapping[str, jax.Array], targets: Any, config: Config) -> jax.Array:
+    def loss(self, outputs: Mapping[str, jax.Array], targets: Any, config: Config) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         loc, cls = targets
-        return multibox_loss(outputs["loc"], outputs["cls"], loc, cls, config.detection.neg_pos_ratio, config.label_smoothing)[0]
+        total, loc_loss, cls_loss = multibox_loss(
+            outputs["loc"], outputs["cls"], loc, cls, config.detection.neg_pos_ratio, config.label_smoothing
+        )
+        return total, {"loc_loss": loc_loss, "cls_loss": cls_loss}
 
     def train_metrics(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
-        _, loc, cls = multibox_loss(outputs["loc"], outputs["cls"], batch["loc"], batch["cls"])
-        return {"loc_loss": loc, "cls_loss": cls, "positives": jnp.mean(jnp.sum(batch["cls"] > 0, axis=1).astype(jnp.float32))}
+        return {"positives": jnp.mean(jnp.sum(batch["cls"] > 0, axis=1).astype(jnp.float32))}
 
-    def eval_sums(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
+    def eval_sums(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], config: Config) -> Dict[str, jax.Array]:
+        """The loss as trained (the config's hard-negative ratio), without label smoothing."""
         labels = jnp.where(batch["mask"][:, None] > 0, batch["cls"], 0)  # padding examples: no positives, no negatives
-        _, loc, cls = multibox_loss(outputs["loc"], outputs["cls"], batch["loc"], labels)
+        _, loc, cls = multibox_loss(outputs["loc"], outputs["cls"], batch["loc"], labels, config.detection.neg_pos_ratio)
         positives = jnp.sum(labels > 0).astype(jnp.float32)
         scale = jnp.maximum(positives, 1.0)
         return {"loc_loss": loc * scale, "cls_loss": cls * scale, "positives": positives}

@@ -13,8 +13,9 @@ the best checkpoint is the one with the highest EMA mIoU.
 Data (`config.data`): a TFDS dataset whose examples hold "image" and "label" (a label map
 stored as a single-channel PNG): the built-in mvit2_digit_scenes, or any such dataset;
 `reduce_zero_label` maps stored 0 to IGNORE and v to v - 1 (ADE20k). Augmentation: the
-official recipe (mvit2_jax.data.segmentation.SegAugmentation from config.data); eval
-resizes image and labels to image_size (the official validation).
+official recipe (mvit2_jax.data.segmentation.SegAugmentation from config.data), crops of
+image_size; eval resizes image and labels to eval_image_size (the official validation;
+unset: image_size, as every official recipe has it), the size predict and export use too.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ import optax
 from mvit2_jax.errors import ConfigError, DataError
 from mvit2_jax.models import HEADS, OUTPUT_STRIDES, MobileViTv2Segmentation
 from mvit2_jax.models.layers import resize_bilinear_align_corners
-from mvit2_jax.tasks.base import ImageTask
+from mvit2_jax.tasks.base import MIN_IMAGE_SIZE, ImageTask
 
 Config = ml_collections.ConfigDict
 IGNORE = 255
 _TUPLE_FIELDS = ("aspp_rates", "psp_pool_sizes")
+
+
+def eval_image_size(config: Config) -> int:
+    """The eval resize: config.data.eval_image_size, or image_size (the train crop) when unset."""
+    size = config.data.get("eval_image_size")
+    return config.data.image_size if size is None else size
 
 
 def _dataset(config: Config):
@@ -95,6 +102,10 @@ class Segmentation(ImageTask):
             raise ConfigError(f"config.data.num_classes must be in [1, {IGNORE}) ({IGNORE} is the ignore label), got {d.num_classes}")
         if not d.short_side_min <= d.short_side_max:
             raise ConfigError(f"config.data.short_side_min ({d.short_side_min}) must be <= config.data.short_side_max ({d.short_side_max})")
+        if d.get("eval_image_size") is not None and d.eval_image_size < MIN_IMAGE_SIZE:
+            raise ConfigError(
+                f"config.data.eval_image_size must be at least {MIN_IMAGE_SIZE} (the network's stride), got {d.eval_image_size}"
+            )
         if config.aux_loss_weight < 0:
             raise ConfigError(f"config.aux_loss_weight must be >= 0, got {config.aux_loss_weight}")
 
@@ -128,7 +139,7 @@ class Segmentation(ImageTask):
         return list(names["class_names"]) if names and "class_names" in names else None
 
     def run_meta(self, config: Config) -> Dict[str, Any]:
-        size = config.data.image_size
+        size = eval_image_size(config)
         return {"image_size": [size, size], "dataset": config.data.dataset, "class_names": self.class_names(config)}
 
     # ------------------------------------------------------------------------- model
@@ -183,7 +194,7 @@ class Segmentation(ImageTask):
         batches = segmentation_eval_pass(
             spec,
             split or config.data.eval_split,
-            size=config.data.image_size,
+            size=eval_image_size(config),
             labels=self._labels(config),
             **self.eval_pass_args(config),
         )
@@ -215,7 +226,8 @@ class Segmentation(ImageTask):
         correct = (jnp.argmax(logits, -1) == labels) & valid
         return {"pixel_acc": jnp.sum(correct) / jnp.maximum(jnp.sum(valid), 1)}
 
-    def eval_sums(self, outputs: jax.Array, batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
+    def eval_sums(self, outputs: jax.Array, batch: Mapping[str, Any], config: Config) -> Dict[str, jax.Array]:
+        del config
         labels = batch["label"]
         weights = batch["mask"].astype(jnp.float32)[:, None, None] * jnp.ones(labels.shape, jnp.float32)
         total, _ = pixel_cross_entropy(outputs, jnp.where(weights > 0, labels, IGNORE))

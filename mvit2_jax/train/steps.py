@@ -25,6 +25,11 @@ Batch = Dict[str, Any]
 Metrics = Dict[str, jax.Array]
 
 
+def loss_and_parts(out: Any) -> Tuple[jax.Array, Metrics]:
+    """(loss, named parts) of what a task's `loss` returns: a loss, or a loss and its parts."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -47,12 +52,13 @@ def train_step(
         else:
             outputs, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"], rngs={"dropout": key})
             batch_stats = updates["batch_stats"]
-        return task.loss(outputs, targets, config), (outputs, batch_stats)
+        loss, parts = loss_and_parts(task.loss(outputs, targets, config))
+        return loss, (outputs, batch_stats, parts)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = config.grad_accum_steps
     if k == 1:
-        (loss, (outputs, batch_stats)), grads = grad_fn(state.params, state.batch_stats, inputs, targets, dropout_key)
+        (loss, (outputs, batch_stats, parts)), grads = grad_fn(state.params, state.batch_stats, inputs, targets, dropout_key)
     else:
         # Micro-batch j takes rows j, j+k, ...: every device keeps its own rows.
         def micro(x):
@@ -61,18 +67,19 @@ def train_step(
         def body(carry, xs):
             batch_stats, grad_sum, loss_sum = carry
             micro_inputs, micro_targets, j = xs
-            (loss, (outputs, batch_stats)), grads = grad_fn(
+            (loss, (outputs, batch_stats, parts)), grads = grad_fn(
                 state.params, batch_stats, micro_inputs, micro_targets, jax.random.fold_in(dropout_key, j)
             )
-            return (batch_stats, jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), outputs
+            return (batch_stats, jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), (outputs, parts)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         micro_inputs, micro_targets = jax.tree.map(micro, (inputs, targets))
-        (batch_stats, grads, loss), outputs = jax.lax.scan(
+        (batch_stats, grads, loss), (outputs, parts) = jax.lax.scan(
             body, (state.batch_stats, zeros, 0.0), (micro_inputs, micro_targets, jnp.arange(k))
         )
         grads = jax.tree.map(lambda g: g / k, grads)
         loss = loss / k
+        parts = jax.tree.map(lambda x: x.mean(0), parts)
         outputs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), outputs)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -82,6 +89,7 @@ def train_step(
     new_state = apply_update(state, params, batch_stats, opt_state, config.ema_decay, finite)
     metrics = {
         "loss": loss,
+        **parts,
         **task.train_metrics(outputs, batch),
         "grad_norm": grad_norm,
         "learning_rate": schedule(state.step),
@@ -98,7 +106,7 @@ def eval_step(weights: Mapping[str, Any], batch: Batch, *, task: Task, model: nn
     sums, examples = {}, {}
     for name, variables in weights.items():
         outputs = model.apply(variables, task.inputs(batch), train=False)
-        sums[name] = task.eval_sums(outputs, batch)
+        sums[name] = task.eval_sums(outputs, batch, config)
         if hasattr(task, "eval_examples"):
             examples[name] = task.eval_examples(outputs, batch, config)
     out = {"count": batch["mask"].sum(), "sums": sums}
