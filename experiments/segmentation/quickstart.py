@@ -19,7 +19,10 @@ with compiles; the curve at steps 187 / 374 / 561 / 748 / 935: 0.09 / 0.11 / 0.1
 on a 64x64 canvas), and labels that are the exact 8x8 shares of each class, upsampled as
 the model upsamples, score only 0.687 mIoU against the ink-level masks (strokes are 3-6
 pixels wide). Training longer helps: 12 epochs of batch 32 with the full augmentation
-reached 0.49 in 22 minutes.
+reached 0.49 in 22 minutes. The README's Segmentation section has the probes of what limits
+it: the digits' classes are learned slowly at 64x64 (neither a higher learning rate nor a
+digit-classifying backbone helped), much faster per image at 128x128 (0.36 after 2 epochs),
+where the model runs 4x slower (11 images/s).
 """
 
 from experiments import base as experiments_base
