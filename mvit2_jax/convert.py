@@ -1,6 +1,6 @@
 """Convert official MobileViTv2 checkpoints into mvit2_jax model directories.
 
-    python -m mvit2_jax.convert SRC DST [--image-size N] [--output-stride N] [--aspp-rates A B C]
+    python -m mvit2_jax.convert SRC DST [--image-size N] [--output-stride N] [--aspp-rates A B C] [--weights ema|raw]
 
 SRC is a state dict in one of five namings, told apart by its keys:
 - ml-cvnets classification (``.pt``; ``conv_1.block.conv.weight``, ``layer_3.1.global_rep.0...``);
@@ -12,6 +12,10 @@ SRC is a state dict in one of five namings, told apart by its keys:
 - ml-cvnets detection (``encoder.*``, ``extra_layers.*`` and ``ssd_heads.*``: SSDLite; the
   class count and the projection widths are read from the heads, the image size defaults to
   the official 320x320).
+Any of them may come inside a cvnets training checkpoint (``training_checkpoint_last.pt``:
+``model_state_dict``, ``ema_state_dict``, ``optim_state_dict``, ...): its EMA weights are
+converted unless ``--weights raw`` (a run without EMA gives its raw weights), and DST records
+which. A file in a layout this converter does not know is refused with its top-level keys listed.
 The width multiplier, the number of classes and the head are read from the weights. What the
 weights cannot tell a segmentation model (its output stride and ASPP rates) comes from the
 flags, else from the HF ``config.json`` beside SRC, else from the official recipe of the
@@ -51,7 +55,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 from flax import traverse_util
 
-from mvit2_jax.checkpoint import abstract_variables, save_model
+from mvit2_jax.checkpoint import abstract_variables, read_config, save_model
 from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
 from mvit2_jax.models.mobilevitv2 import OUTPUT_STRIDES, VARIANTS, MobileViTv2, Widths, widths_for
 from mvit2_jax.models import anchors as anchor_lib
@@ -178,8 +182,28 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
-    """The state dict inside common wrappers: {'state_dict': ...}, {'model': ...}, 'module.'."""
+WEIGHT_SETS = ("ema", "raw")
+# A cvnets training checkpoint (training_checkpoint_last.pt and the like) holds both sets of weights.
+_TRAINING_CHECKPOINT_KEYS = {"ema": "ema_state_dict", "raw": "model_state_dict"}
+
+
+def _unwrap(obj: Any, path: str, weights: Optional[str] = None) -> Tuple[Mapping[str, Any], Optional[str]]:
+    """(the state dict inside common wrappers, which weights of a training checkpoint it is).
+
+    Wrappers: {'state_dict': ...}, {'model': ...}, 'module.' prefixes, and cvnets training
+    checkpoints ({'model_state_dict', 'ema_state_dict', 'optim_state_dict', ...}), whose EMA
+    weights are taken unless `weights` is "raw" (by default the raw ones where the run kept no EMA)."""
+    if weights is not None and weights not in WEIGHT_SETS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHT_SETS)}, got {weights!r}")
+    chosen = None
+    if isinstance(obj, Mapping) and _TRAINING_CHECKPOINT_KEYS["raw"] in obj:
+        chosen = weights or ("ema" if _TRAINING_CHECKPOINT_KEYS["ema"] in obj else "raw")
+        if _TRAINING_CHECKPOINT_KEYS[chosen] not in obj:
+            raise DataError(f"{path} is a training checkpoint without EMA weights (no 'ema_state_dict'): pass --weights raw")
+        obj = obj[_TRAINING_CHECKPOINT_KEYS[chosen]]
+    elif weights is not None:
+        raise ConfigError(f"--weights {weights} applies to training checkpoints (with 'model_state_dict' and "
+                          f"'ema_state_dict'); {path} holds one set of weights: leave --weights out")
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -187,7 +211,13 @@ def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
         obj = inner
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+    if obj and not any(hasattr(v, "shape") for v in obj.values()):
+        keys = ", ".join(repr(k) for k in list(obj)[:20]) + (", ..." if len(obj) > 20 else "")
+        raise ConversionError(
+            f"{path} holds no weights in a layout this converter knows: its top-level keys are {keys} (expected "
+            f"tensors by name, or them under 'state_dict', 'model', or 'model_state_dict' / 'ema_state_dict')"
+        )
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}, chosen
 
 
 def _load_torch(path: str) -> Any:
@@ -206,12 +236,18 @@ def _load_torch(path: str) -> Any:
         raise DataError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
 
 
-def load_state_dict(path: str) -> StateDict:
+def load_state_dict(path: str, weights: Optional[str] = None) -> StateDict:
     """Read a checkpoint file into {name: numpy array}, unwrapping common containers.
 
     ``.safetensors`` is read with numpy only; other files (``.pt``, ``.pth``, ``.bin``) with
-    ``torch.load(weights_only=True)``.
+    ``torch.load(weights_only=True)``. `weights` ("ema" or "raw") picks the set of a cvnets
+    training checkpoint (default: EMA where it has them); see `read_weights`.
     """
+    return read_weights(path, weights)[0]
+
+
+def read_weights(path: str, weights: Optional[str] = None) -> Tuple[StateDict, Optional[str]]:
+    """(state dict, "ema" / "raw" for a training checkpoint's chosen weights, else None)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"checkpoint not found: {path}")
@@ -227,8 +263,8 @@ def load_state_dict(path: str) -> StateDict:
             raise DataError(f"could not read {path} as safetensors: {e}") from e
     else:
         raw = _load_torch(path)
-    state = _unwrap(raw, path)
-    return {k: _to_numpy(v) for k, v in state.items() if hasattr(v, "shape")}
+    state, chosen = _unwrap(raw, path, weights)
+    return {k: _to_numpy(v) for k, v in state.items() if hasattr(v, "shape")}, chosen
 
 
 # --------------------------------------------------------------------------- naming
@@ -628,14 +664,18 @@ def convert(
     image_size: Optional[Union[int, Sequence[int]]] = None,
     output_stride: Optional[int] = None,
     aspp_rates: Optional[Sequence[int]] = None,
+    weights: Optional[str] = None,
+    source: Optional[str] = None,
 ) -> str:
     """Convert checkpoint file `src` into a model directory `dst` (new or empty); returns dst.
 
     `output_stride` and `aspp_rates` apply to segmentation checkpoints (default: the HF
-    config.json beside `src`, else the official recipe of the class count)."""
+    config.json beside `src`, else the official recipe of the class count). `weights` ("ema"
+    or "raw") picks the set of a cvnets training checkpoint (default: EMA where it has them).
+    `source` is what DST records as its origin (default: SRC's absolute path)."""
     src, dst = os.fspath(src), os.fspath(dst)
     _check_destination(dst)
-    state_dict = load_state_dict(src)
+    state_dict, chosen = read_weights(src, weights)
     defaults = hf_config(src)
     model, variables = convert_state_dict(
         state_dict, output_stride or defaults.get("output_stride"), aspp_rates or defaults.get("aspp_rates")
@@ -647,7 +687,9 @@ def convert(
     size = [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
     if len(size) != 2 or min(size) <= 0:
         raise ConfigError(f"image_size must be N or (height, width) with positive values, got {image_size!r}")
-    meta = {"source": os.path.abspath(src), "image_size": size}
+    meta = {"source": source or os.path.abspath(src), "image_size": size}
+    if chosen:
+        meta["weights"] = chosen
     if detection and (size[0] % 32 or size[1] % 32):
         raise ConfigError(f"an SSD's image size must be divisible by 32, got {size[0]}x{size[1]}")
     if segmentation:
@@ -671,7 +713,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("dst", metavar="DST", help="new or empty output directory")
     parser.add_argument(
         "--image-size", type=int, default=None, metavar="N",
-        help="training/evaluation resolution to record (default: 512 for segmentation, 320 for SSD; 384 if SRC's name contains 384, else 256)",
+        help="training/evaluation resolution to record (default: 512 for segmentation, 320 for SSD; 384 if SRC's name contains 384, "
+        "else 256: the official 384x384 classifiers' files have the 256 files' names, so give 384 for them)",
+    )
+    parser.add_argument(
+        "--weights", choices=WEIGHT_SETS, default=None,
+        help="a cvnets training checkpoint (training_checkpoint_last.pt): its EMA or raw weights (default: EMA where it has them)",
     )
     parser.add_argument(
         "--output-stride", type=int, default=None, choices=OUTPUT_STRIDES,
@@ -684,11 +731,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     with usage_errors_exit(f"{parser.prog}: error"):
         try:
-            dst = convert(args.src, args.dst, args.image_size, args.output_stride, args.aspp_rates)
+            dst = convert(args.src, args.dst, args.image_size, args.output_stride, args.aspp_rates, args.weights)
         except ImportError as e:  # torch, for a pickled checkpoint
             raise ConfigError(str(e)) from None
-    print(f"wrote {dst}")
+    print(f"wrote {dst}: {describe(dst)}")
     return 0
+
+
+def describe(path: str) -> str:
+    """One line on a converted model directory: task, model, classes, the recorded image size and weights."""
+    meta = read_config(path)[0]
+    model, (height, width) = meta["model"], meta["image_size"]
+    name = {"segmentation": f"{model.get('head')} on ", "detection": "SSDLite on "}.get(meta["task"], "")
+    line = f"{meta['task']}, {name}MobileViTv2-{model['alpha']}, {model['num_classes']} classes, image size {height}x{width} recorded"
+    if meta.get("weights"):
+        line += f", the training checkpoint's {'EMA' if meta['weights'] == 'ema' else 'raw'} weights"
+    return line
 
 
 if __name__ == "__main__":

@@ -111,7 +111,9 @@ def predict(checkpoint: str, paths: Sequence[str], top_k: int = 5, ema: bool = T
     import jax
 
     from mvit2_jax.checkpoint import load_model, read_config
+    from mvit2_jax.hub import local_path
 
+    checkpoint = local_path(checkpoint)  # a hub name: its converted directory
     meta, _, _ = read_config(checkpoint)
     if meta["task"] != "classification":
         raise ConfigError(f"{checkpoint} holds a {meta['task']} model: predict prints classes of classification models (segmentation, detection: pass --out DIR)")
@@ -168,9 +170,11 @@ def segment(checkpoint: str, paths: Sequence[str], out_dir: str, ema: bool = Tru
     from PIL import Image
 
     from mvit2_jax.checkpoint import load_model, read_config
+    from mvit2_jax.hub import local_path
     from mvit2_jax.data.segmentation import eval_image
     from mvit2_jax.models.layers import resize_bilinear_align_corners
 
+    checkpoint = local_path(checkpoint)  # a hub name: its converted directory
     meta, _, _ = read_config(checkpoint)
     if meta["task"] != "segmentation":
         raise ConfigError(f"{checkpoint} holds a {meta['task']} model: --out writes masks of segmentation models")
@@ -228,9 +232,11 @@ def detect(checkpoint: str, paths: Sequence[str], out_dir: str, ema: bool = True
     import jax.numpy as jnp
 
     from mvit2_jax.checkpoint import load_model, read_config
+    from mvit2_jax.hub import local_path
     from mvit2_jax.data.detection import eval_image
     from mvit2_jax.models import anchors as anchor_lib
 
+    checkpoint = local_path(checkpoint)  # a hub name: its converted directory
     meta, _, _ = read_config(checkpoint)
     if meta["task"] != "detection":
         raise ConfigError(f"{checkpoint} holds a {meta['task']} model: detect draws the boxes of detection models")
@@ -274,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Top-5 classes of images (classification), their masks (segmentation, --out) or their detections (detection, --out)."
     )
-    parser.add_argument("--checkpoint", required=True, help="converted model directory or training workdir")
+    parser.add_argument("--checkpoint", required=True, help="converted model directory, training workdir, or hub name (hf-hub:timm/mobilevitv2_100.cvnets_in1k)")
     parser.add_argument("--raw", action="store_true", help="training workdirs: use raw weights, not EMA")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--out", default=None, help="segmentation and detection: directory for the mask and overlay PNGs, or the boxes PNGs and detections JSON")
@@ -285,7 +291,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         task = None
         if args.out:
             from mvit2_jax.checkpoint import read_config
+            from mvit2_jax.hub import local_path
 
+            args.checkpoint = local_path(args.checkpoint)
             task = read_config(args.checkpoint)[0]["task"]
         if task == "detection":
             found, errors = detect(args.checkpoint, args.images, args.out, ema=not args.raw, score_threshold=args.score_threshold)

@@ -1,6 +1,5 @@
 """The fast-allocator choice of the command-line programs (mvit2_jax.allocator)."""
 
-import os
 import subprocess
 import sys
 

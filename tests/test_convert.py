@@ -202,6 +202,67 @@ def test_bfloat16_torch_checkpoint_is_read_as_float32(tmp_path, timm_weights):
     np.testing.assert_allclose(loaded["stem.conv.weight"], timm_weights["stem.conv.weight"], rtol=1e-2, atol=1e-2)
 
 
+def _training_checkpoint(torch, timm_weights, ema: bool) -> dict:
+    """A cvnets training checkpoint (utils/checkpoint_utils.get_training_state's layout): raw
+    weights are half the fixture's, the EMA weights the fixture's."""
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in timm_weights.items()}
+    state = {
+        "iterations": 1200, "epoch": 3, "best_metric": 61.5,
+        "model_state_dict": {k: v * 0.5 if v.is_floating_point() else v for k, v in tensors.items()},
+        "optim_state_dict": {"state": {0: {"step": torch.tensor(1200.0), "exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.001, "params": [0]}]},
+        "gradient_scaler_state_dict": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0},
+    }
+    if ema:
+        state["ema_state_dict"] = tensors
+    return state
+
+
+def test_cvnets_training_checkpoint_converts_its_ema_weights_by_default_and_raw_by_flag(tmp_path, timm_weights, reference, capsys):
+    torch = pytest.importorskip("torch")
+    from mvit2_jax.convert import main
+
+    path = tmp_path / "training_checkpoint_last.pt"
+    torch.save(_training_checkpoint(torch, timm_weights, ema=True), path)
+    assert main([str(path), str(tmp_path / "ema")]) == 0
+    assert "the training checkpoint's EMA weights" in capsys.readouterr().out
+    assert read_config(str(tmp_path / "ema"))[0]["weights"] == "ema"
+    assert_same_variables(load_model(str(tmp_path / "ema"))[1], reference[1])
+
+    convert(path, tmp_path / "raw", weights="raw")
+    raw = load_model(str(tmp_path / "raw"))[1]
+    assert read_config(str(tmp_path / "raw"))[0]["weights"] == "raw"
+    np.testing.assert_array_equal(raw["params"]["stem"]["conv"]["kernel"], reference[1]["params"]["stem"]["conv"]["kernel"] * np.float32(0.5))
+
+    # A run without EMA: its raw weights by default, said so; EMA asked for explicitly is an error.
+    no_ema = tmp_path / "no_ema.pt"
+    torch.save(_training_checkpoint(torch, timm_weights, ema=False), no_ema)
+    convert(no_ema, tmp_path / "no_ema")
+    assert read_config(str(tmp_path / "no_ema"))[0]["weights"] == "raw"
+    with pytest.raises(DataError, match="without EMA weights .*--weights raw"):
+        convert(no_ema, tmp_path / "refused", weights="ema")
+    with pytest.raises(ConfigError, match="applies to training checkpoints"):
+        convert(PARITY_WEIGHTS, tmp_path / "refused", weights="raw")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_file_in_an_unknown_layout_is_refused_with_its_top_level_keys(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "mystery.pt"
+    torch.save({"epoch": 3, "net_weights": [torch.zeros(2)], "config": {"lr": 0.1}}, path)
+    with pytest.raises(ConversionError, match="top-level keys are 'epoch', 'net_weights', 'config'"):
+        load_state_dict(path)
+
+
+def test_the_command_says_which_resolution_it_recorded(tmp_path, capsys):
+    from mvit2_jax.convert import main
+
+    assert main([str(PARITY_WEIGHTS), str(tmp_path / "a")]) == 0
+    assert "classification, MobileViTv2-0.5, 1000 classes, image size 256x256 recorded" in capsys.readouterr().out
+    assert main([str(PARITY_WEIGHTS), str(tmp_path / "b"), "--image-size", "384"]) == 0
+    assert "image size 384x384 recorded" in capsys.readouterr().out
+    assert read_config(str(tmp_path / "b"))[0]["image_size"] == [384, 384]
+
+
 # --------------------------------------------------------------------------- (c) pickles
 
 

@@ -13,7 +13,7 @@ POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "num_epochs", "
 
 # Why a required field has no default, for the error message.
 _REQUIRED_WHY = {
-    "init_from": "the checkpoint to start from: a training workdir or a converted model directory",
+    "init_from": "the checkpoint to start from: a training workdir, a converted model directory or a hub name (hf-hub:...)",
     "optim.lr": "this width has no paper recipe",
     "optim.min_lr": "this width has no paper recipe",
     "optim.weight_decay": "this width has no paper recipe",

@@ -19,7 +19,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mvit2_jax import checkpoint, tasks
+from mvit2_jax import checkpoint, hub, tasks
 from mvit2_jax.data import sources
 from mvit2_jax.errors import DataError
 from mvit2_jax.tasks.base import Task
@@ -108,7 +108,7 @@ def evaluate_checkpoint(config: Config, source: str, split: Optional[str] = None
 
     The model comes from the checkpoint's record; the data and preprocessing from `config`.
     """
-    meta, weights = checkpoint.load_weight_sets(source)
+    meta, weights = checkpoint.load_weight_sets(hub.local_path(source))
     task = tasks.get(meta["task"])
     config = task.config_from_checkpoint(config, meta["model"])  # a copy
     with config.unlocked():
@@ -126,7 +126,7 @@ def evaluate_checkpoint(config: Config, source: str, split: Optional[str] = None
 
 def init_from_pretrained(state: TrainState, config: Config, task: Task, mesh: jax.sharding.Mesh) -> TrainState:
     """Start from config.init_from's weights: the same model family; new shapes re-initialized."""
-    path = config.init_from
+    path = hub.local_path(config.init_from)
     source = checkpoint.read_config(path)[0]
     task.check_pretrained(source["model"], config, path)
     _, variables = checkpoint.load_model(path, ema=config.init_from_ema)
