@@ -3,8 +3,11 @@
     python -m mvit2_jax.convert SRC DST [--image-size N] [--output-stride N] [--aspp-rates A B C] [--weights ema|raw]
 
 SRC is a state dict in one of five namings, told apart by its keys:
-- ml-cvnets classification (``.pt``; ``conv_1.block.conv.weight``, ``layer_3.1.global_rep.0...``);
-- timm classification (``.safetensors``, ``.pth``, ``.bin``; ``stem.conv.weight``, ``stages.2.1...``);
+- ml-cvnets classification (``.pt``; ``conv_1.block.conv.weight``, ``layer_3.1.global_rep.0...``),
+  MobileViTv2 or MobileViTv1 (``conv_1x1_exp.*``, ``global_rep.N.pre_norm_mha.*``);
+- timm classification (``.safetensors``, ``.pth``, ``.bin``; ``stem.conv.weight``, ``stages.2.1...``),
+  ``mobilevitv2_*`` or ``mobilevit_{xxs,xs,s}`` (``final_conv.*``, ``conv_fusion.*``), whose
+  fused ``attn.qkv`` is split into the multi-head unit's query, key and value;
 - ml-cvnets segmentation (``encoder.*`` and ``seg_head.*``: DeepLabv3 or PSPNet, with or
   without the aux head);
 - HF transformers (``mobilevitv2.*`` with ``classifier.*`` or ``segmentation_head.*``:
@@ -60,6 +63,7 @@ from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
 from mvit2_jax.models.mobilevitv2 import OUTPUT_STRIDES, VARIANTS, MobileViTv2, Widths, widths_for
 from mvit2_jax.models import anchors as anchor_lib
 from mvit2_jax.models.detection import MobileViTv2SSD
+from mvit2_jax.models.mobilevit import V1_VARIANTS, MobileViT
 from mvit2_jax.models.segmentation import MobileViTv2Segmentation
 
 StateDict = Dict[str, np.ndarray]
@@ -94,6 +98,35 @@ CVNETS_TO_TIMM: Tuple[Tuple[str, Union[str, Callable[[re.Match], str]]], ...] = 
     (r"^classifier\.1\.", "head.fc."),
 )
 _CVNETS_RULES = tuple((re.compile(p), r) for p, r in CVNETS_TO_TIMM)
+
+
+def _conv_bn(m: re.Match) -> str:
+    return "conv." if m.group(m.lastindex) == "conv" else "bn."
+
+
+# cvnets MobileViTv1 name -> timm name (a v1 checkpoint is told by its "conv_1x1_exp." keys).
+CVNETS_V1_TO_TIMM: Tuple[Tuple[str, Union[str, Callable[[re.Match], str]]], ...] = (
+    (r"^conv_1\.block\.(conv|norm)\.", lambda m: "stem." + _conv_bn(m)),
+    (r"^conv_1x1_exp\.block\.(conv|norm)\.", lambda m: "final_conv." + _conv_bn(m)),
+    (r"^layer_(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}."),
+    (r"\.block\.exp_1x1\.block\.(conv|norm)\.", lambda m: ".conv1_1x1." + _conv_bn(m)),
+    (r"\.block\.conv_3x3\.block\.(conv|norm)\.", lambda m: ".conv2_kxk." + _conv_bn(m)),
+    (r"\.block\.red_1x1\.block\.(conv|norm)\.", lambda m: ".conv3_1x1." + _conv_bn(m)),
+    (r"\.local_rep\.conv_3x3\.block\.(conv|norm)\.", lambda m: ".conv_kxk." + _conv_bn(m)),
+    (r"\.local_rep\.conv_1x1\.block\.conv\.", ".conv_1x1."),
+    (r"\.global_rep\.(\d+)\.pre_norm_mha\.0\.", r".transformer.\1.norm1."),
+    (r"\.global_rep\.(\d+)\.pre_norm_mha\.1\.qkv_proj\.", r".transformer.\1.attn.qkv."),
+    (r"\.global_rep\.(\d+)\.pre_norm_mha\.1\.out_proj\.", r".transformer.\1.attn.proj."),
+    (r"\.global_rep\.(\d+)\.pre_norm_ffn\.0\.", r".transformer.\1.norm2."),
+    (r"\.global_rep\.(\d+)\.pre_norm_ffn\.1\.", r".transformer.\1.mlp.fc1."),
+    (r"\.global_rep\.(\d+)\.pre_norm_ffn\.4\.", r".transformer.\1.mlp.fc2."),
+    (r"\.global_rep\.\d+\.(weight|bias)$", r".norm.\1"),  # the LayerNorm after the last layer
+    (r"\.conv_proj\.block\.(conv|norm)\.", lambda m: ".conv_proj." + _conv_bn(m)),
+    (r"\.fusion\.block\.(conv|norm)\.", lambda m: ".conv_fusion." + _conv_bn(m)),
+    (r"^classifier\.fc\.", "head.fc."),
+)
+_CVNETS_V1_RULES = tuple((re.compile(p), r) for p, r in CVNETS_V1_TO_TIMM)
+_CVNETS_V1_MARK = "conv_1x1_exp."
 
 # HF transformers backbone name -> timm name (the "mobilevitv2." prefix removed first).
 HF_TO_TIMM: Tuple[Tuple[str, str], ...] = (
@@ -326,8 +359,9 @@ def to_timm_names(state_dict: Mapping[str, np.ndarray]) -> Tuple[StateDict, Dict
     renamed: StateDict = {}
     origin: Dict[str, str] = {}
     clashes = []
+    v1 = scheme == "cvnets" and any(k.startswith(_CVNETS_V1_MARK) for k in state_dict)
     for key, value in state_dict.items():
-        new = _model_name(key, scheme)
+        new = _apply(_CVNETS_V1_RULES, key) if v1 else _model_name(key, scheme)
         if new in renamed:
             clashes.append(f"{origin[new]} and {key} both map to {new}")
             continue
@@ -369,13 +403,18 @@ _TIMM_TO_FLAX = tuple(_rule(timm, flax) for timm, flax in TIMM_FLAX_MODULES)
 _FLAX_TO_TIMM = tuple(_rule(flax, timm) for timm, flax in TIMM_FLAX_MODULES)
 
 
+def _timm_module_to_flax(module: str) -> str:
+    for pattern, repl in _TIMM_TO_FLAX:
+        module = pattern.sub(repl, module)
+    return module
+
+
 def timm_key_to_path(key: str, ndim: int) -> Optional[Path]:
     """The Flax variable path of timm key `key` (an array of rank `ndim`); None if dropped."""
     module, _, leaf = key.rpartition(".")
     if leaf in _DROPPED_LEAVES:
         return None
-    for pattern, repl in _TIMM_TO_FLAX:
-        module = pattern.sub(repl, module)
+    module = _timm_module_to_flax(module)
     parts = tuple(module.split(".")) if module else ()
     matches = [flax for timm, flax in TIMM_FLAX_LEAVES if timm == leaf]
     if not matches:
@@ -385,8 +424,12 @@ def timm_key_to_path(key: str, ndim: int) -> Optional[Path]:
 
 
 def path_to_timm_key(path: Path) -> str:
-    """The timm key of Flax variable `path` (the inverse of `timm_key_to_path`)."""
+    """The timm key of Flax variable `path` (the inverse of `timm_key_to_path`; the
+    multi-head unit's query / key / value and out are MobileViTv1's fused qkv and proj)."""
     collection, *modules, leaf = path
+    if modules[-2:-1] == ["mha"]:
+        modules = modules[:-2] + ["qkv" if modules[-1] in ("query", "key", "value") else "proj"]
+        leaf = "kernel" if leaf == "kernel" else leaf
     name = ".".join(modules)
     for pattern, repl in _FLAX_TO_TIMM:
         name = pattern.sub(repl, name)
@@ -454,6 +497,59 @@ def detect_alpha(state_dict: Mapping[str, np.ndarray]) -> float:
         f"no width multiplier reproduces the checkpoint's widths {found}; tried alpha in "
         f"{[round(a, 4) for a in candidates]}"
     )
+
+
+def is_v1(named: Mapping[str, np.ndarray]) -> bool:
+    """Whether a timm-named state dict is a MobileViTv1 (its blocks have a fusion conv)."""
+    return "stages.2.1.conv_fusion.conv.weight" in named
+
+
+def detect_v1_variant(named: Mapping[str, np.ndarray]) -> str:
+    """The MobileViTv1 size ("xxs", "xs", "s") whose widths the timm-named state dict has."""
+    stage_out = ["stages.0.0.conv3_1x1.conv.weight", "stages.1.0.conv3_1x1.conv.weight"] + [
+        f"stages.{s}.1.conv_fusion.conv.weight" for s in (2, 3, 4)]
+    found = (
+        tuple(_shape(named, key)[0] for key in stage_out),
+        tuple(_shape(named, f"stages.{s}.1.conv_1x1.weight")[0] for s in (2, 3, 4)),
+        _shape(named, "final_conv.conv.weight")[0],
+    )
+    for name, v in V1_VARIANTS.items():
+        if (v.stages, v.attn_dims, v.num_features) == found:
+            return name
+    raise ConversionError(f"no MobileViTv1 size ({', '.join(V1_VARIANTS)}) has the checkpoint's widths "
+                          f"(stages, transformer widths, final conv) {found}")
+
+
+_V1_ATTENTION = re.compile(r"^(stages\.\d+\.\d+\.transformer\.\d+)\.attn\.(qkv|proj)\.(weight|bias)$")
+
+
+def split_attention(named: Mapping[str, np.ndarray], num_heads: int) -> Tuple[StateDict, Dict[Path, Tuple[str, np.ndarray]]]:
+    """(the state dict without its fused attention weights, {Flax path: (timm key, array)}).
+
+    MobileViTv1's attention (timm `attn.qkv` [3D, D] in q, k, v order, `attn.proj`) is the
+    model's multi-head unit, whose query / key / value / out kernels are [D, heads, D/heads]
+    and [heads, D/heads, D]."""
+    rest: StateDict = {}
+    out: Dict[Path, Tuple[str, np.ndarray]] = {}
+    for key, value in named.items():
+        m = _V1_ATTENTION.match(key)
+        if m is None:
+            rest[key] = value
+            continue
+        module, kind, leaf = m.groups()
+        parts = ("params", *_timm_module_to_flax(module).split("."), "attn", "mha")
+        d = value.shape[-1] if leaf == "weight" else value.shape[0] // (3 if kind == "qkv" else 1)
+        if d % num_heads or (kind == "qkv" and value.shape[0] != 3 * d):
+            out[(*parts, "query" if kind == "qkv" else "out", "kernel" if leaf == "weight" else "bias")] = (key, value)
+            continue
+        head = (num_heads, d // num_heads)
+        if kind == "qkv":
+            for i, name in enumerate(("query", "key", "value")):
+                part = value[i * d:(i + 1) * d]
+                out[(*parts, name, "kernel" if leaf == "weight" else "bias")] = (key, part.T.reshape(d, *head) if leaf == "weight" else part.reshape(head))
+        else:
+            out[(*parts, "out", "kernel" if leaf == "weight" else "bias")] = (key, value.T.reshape(*head, value.shape[0]) if leaf == "weight" else value)
+    return rest, out
 
 
 def detect_num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
@@ -542,7 +638,7 @@ def _torch_ndim(path: Path, ndim: int) -> int:
     return 4 if ndim == 2 and path[1] != "head" else ndim
 
 
-Model = Union[MobileViTv2, MobileViTv2Segmentation, MobileViTv2SSD]
+Model = Union[MobileViTv2, MobileViTv2Segmentation, MobileViTv2SSD, MobileViT]
 
 
 def convert_state_dict(
@@ -559,15 +655,19 @@ def convert_state_dict(
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
     scheme = detect_scheme(list(arrays))
     named, origin = to_timm_names(arrays)
-    alpha = detect_alpha(named)
-    if is_detection(named):
-        model: Model = detection_model(named, alpha)
-        described = f"MobileViTv2SSD(alpha={alpha}, num_classes={model.num_classes}, proj_channels={model.proj_channels})"
+    split: Dict[Path, Tuple[str, np.ndarray]] = {}
+    if is_v1(named):
+        model: Model = MobileViT(variant=detect_v1_variant(named), num_classes=detect_num_classes(named))
+        described = f"MobileViT(variant={model.variant!r}, num_classes={model.num_classes})"
+        named, split = split_attention(named, model.num_heads)
+    elif is_detection(named):
+        model = detection_model(named, detect_alpha(named))
+        described = f"MobileViTv2SSD(alpha={model.alpha}, num_classes={model.num_classes}, proj_channels={model.proj_channels})"
     elif is_segmentation(named):
-        model = segmentation_model(named, alpha, output_stride, aspp_rates)
-        described = f"MobileViTv2Segmentation(alpha={alpha}, head={model.head!r}, num_classes={model.num_classes}, aux_head={model.aux_head})"
+        model = segmentation_model(named, detect_alpha(named), output_stride, aspp_rates)
+        described = f"MobileViTv2Segmentation(alpha={model.alpha}, head={model.head!r}, num_classes={model.num_classes}, aux_head={model.aux_head})"
     else:
-        model = MobileViTv2(alpha=alpha, num_classes=detect_num_classes(named))
+        model = MobileViTv2(alpha=detect_alpha(named), num_classes=detect_num_classes(named))
         described = f"MobileViTv2(alpha={model.alpha}, num_classes={model.num_classes})"
     target = traverse_util.flatten_dict(abstract_variables(model, (64, 64)))
 
@@ -578,6 +678,15 @@ def convert_state_dict(
     seen: Set[Path] = set()  # target paths present in the checkpoint, whatever their shape
     unexpected: List[str] = []
     wrong_shape: List[str] = []
+    for path, (key, value) in split.items():  # MobileViTv1's attention, already laid out for Flax
+        if path not in target:
+            unexpected.append(f"{shown(key)} {tuple(value.shape)}")
+        elif tuple(value.shape) != tuple(target[path].shape):
+            seen.add(path)
+            wrong_shape.append(f"{shown(key)}: got {tuple(arrays[origin[key]].shape)}, expected {tuple(target[path].shape)} in Flax's layout")
+        else:
+            seen.add(path)
+            flat[path] = np.ascontiguousarray(value, dtype=target[path].dtype)
     for key, value in named.items():
         path = timm_key_to_path(key, value.ndim)
         if path is None:
@@ -596,11 +705,11 @@ def convert_state_dict(
             wrong_shape.append(f"{shown(key)}: got {tuple(value.shape)}, expected {expected}")
             continue
         flat[path] = np.ascontiguousarray(converted, dtype=target[path].dtype)
-    missing = [
-        f"{path_to_timm_key(p)} {flax_to_torch_shape(tuple(s.shape), _torch_ndim(p, len(s.shape)))}"
+    missing = sorted({
+        f"{path_to_timm_key(p)}" + ("" if "mha" in p else f" {flax_to_torch_shape(tuple(s.shape), _torch_ndim(p, len(s.shape)))}")
         for p, s in target.items()
         if p not in seen
-    ]
+    })
     if missing or unexpected or wrong_shape:
         lines = [f"checkpoint ({scheme} names) does not match {described}:"]
         for title, items in (
@@ -743,7 +852,8 @@ def describe(path: str) -> str:
     meta = read_config(path)[0]
     model, (height, width) = meta["model"], meta["image_size"]
     name = {"segmentation": f"{model.get('head')} on ", "detection": "SSDLite on "}.get(meta["task"], "")
-    line = f"{meta['task']}, {name}MobileViTv2-{model['alpha']}, {model['num_classes']} classes, image size {height}x{width} recorded"
+    arch = f"MobileViTv1-{model['variant'].upper()}" if model.get("family") == "mobilevit" else f"MobileViTv2-{model['alpha']}"
+    line = f"{meta['task']}, {name}{arch}, {model['num_classes']} classes, image size {height}x{width} recorded"
     if meta.get("weights"):
         line += f", the training checkpoint's {'EMA' if meta['weights'] == 'ema' else 'raw'} weights"
     return line

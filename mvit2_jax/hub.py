@@ -12,8 +12,9 @@ network request; with ``HF_HUB_OFFLINE=1`` only cached copies are used. The 384x
     python -m mvit2_jax.hub                # the official names, and which are converted here
     python -m mvit2_jax.hub NAME [NAME...]   # fetch and convert; print each local directory
 
-Any hub repository holding a MobileViTv2 ``model.safetensors`` in a naming the converter
-reads (timm, cvnets, HF transformers) works the same way; `PUBLISHED` lists the official ones.
+Any hub repository holding a MobileViTv2 or MobileViTv1 ``model.safetensors`` in a naming the
+converter reads (timm, cvnets, HF transformers) works the same way; `PUBLISHED` lists the
+official ones.
 """
 
 from __future__ import annotations
@@ -131,9 +132,6 @@ def resolve(name: str, image_size: Optional[int] = None) -> str:
     `image_size` overrides the recorded resolution (default: 384 for ``..._384`` tags, else 256)."""
     repo_id = repo_id_of(name)
     published = _BY_REPO.get(repo_id)
-    if published is not None and published.family == "mobilevit":
-        raise ConfigError(f"{name} holds MobileViTv1 weights; this version of mvit2_jax converts MobileViTv2 "
-                          f"(python -m mvit2_jax.hub lists the MobileViTv2 names)")
     weights = download(name)
     commit = os.path.basename(os.path.dirname(weights))  # .../snapshots/COMMIT/model.safetensors
     target = os.path.join(cache_dir(), repo_id.replace("/", "--"), commit)
@@ -180,9 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         print(f"converted copies live in {cache_dir()}")
         for p in PUBLISHED:
-            state = "MobileViTv1: not convertible yet" if p.family == "mobilevit" else (
-                "converted here" if converted(p.repo_id) else "")
-            print(f"{PREFIX}{p.repo_id:<48} {p.image_size}x{p.image_size}  {p.pretraining:<38} {state}".rstrip())
+            family = "MobileViTv1" if p.family == "mobilevit" else "MobileViTv2"
+            state = "converted here" if converted(p.repo_id) else ""
+            print(f"{PREFIX}{p.repo_id:<48} {family}  {p.image_size}x{p.image_size}  {p.pretraining:<38} {state}".rstrip())
     return 0
 
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from mvit2_jax.benchmarks import attention, data, model  # noqa: E402
+from mvit2_jax.benchmarks import attention, data, model, v1_vs_v2  # noqa: E402
 
 
 def _check_outputs(out, name, min_rows):
@@ -51,6 +51,18 @@ def test_model_tiny_without_timm(tmp_path):
     assert all(float(r["images_per_s"]) > 0 and not r["error"] for r in rows)
     with open(os.path.join(out, "model.md")) as f:
         assert "timm skipped" in f.read()
+
+
+@pytest.mark.slow
+def test_v1_vs_v2_tiny(tmp_path):
+    out = str(tmp_path)
+    v1_vs_v2.main(["--tiny", "--out", out])
+    rows = _check_outputs(out, "v1_vs_v2", 2)
+    assert [r["model"] for r in rows] == ["MobileViTv1-XXS", "MobileViTv2-0.5"]
+    assert [r["params_M"] for r in rows] == ["1.27", "1.37"]  # exact counts, rounded by the table
+    assert all(float(r["latency_p10_ms"]) <= float(r["latency_ms"]) <= float(r["latency_p90_ms"]) for r in rows)
+    assert all(float(r["images_per_s"]) > 0 and float(r["gmacs"]) > 0 for r in rows)
+    assert float(rows[0]["attn_gmacs"]) > 10 * float(rows[1]["attn_gmacs"])  # multi-head against separable attention
 
 
 def test_data_tiny(tmp_path):

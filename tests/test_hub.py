@@ -13,9 +13,11 @@ import mvit2_jax
 from mvit2_jax import hub, tasks, train
 from mvit2_jax.checkpoint import read_config
 from mvit2_jax.errors import ConfigError, DataError
+from mvit2_jax.models import MobileViT
 from mvit2_jax.predict import predict
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mobilevitv2_050_parity.safetensors"
+V1_FIXTURE = FIXTURE.with_name("mobilevit_xxs_parity.safetensors")
 NAME = "hf-hub:timm/mobilevitv2_050.cvnets_in1k"
 COMMIT = "3f1c2b9a0d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a"
 
@@ -28,10 +30,10 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MVIT2_JAX_CACHE", str(tmp_path / "mvit2"))
 
-    def fill(repo_id: str) -> None:
+    def fill(repo_id: str, fixture: Path = FIXTURE) -> None:
         repo = hf / ("models--" + repo_id.replace("/", "--"))
         (repo / "snapshots" / COMMIT).mkdir(parents=True)
-        shutil.copy(FIXTURE, repo / "snapshots" / COMMIT / "model.safetensors")
+        shutil.copy(fixture, repo / "snapshots" / COMMIT / "model.safetensors")
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(COMMIT)
 
@@ -94,11 +96,15 @@ def test_without_network_or_cached_copy_the_error_is_one_line(hub_cache, monkeyp
         hub.resolve(NAME)
 
 
-def test_bad_and_v1_names_are_clear_errors(hub_cache):
+def test_a_bad_name_is_a_clear_error(hub_cache):
     with pytest.raises(ConfigError, match="write hf-hub:OWNER/REPO"):
         hub.resolve("hf-hub:mobilevitv2_050")
-    with pytest.raises(ConfigError, match="MobileViTv1"):
-        hub.resolve("hf-hub:timm/mobilevit_xs.cvnets_in1k")
+
+
+def test_a_mobilevit_v1_name_gives_the_v1_model(hub_cache):
+    hub_cache("timm/mobilevit_xxs.cvnets_in1k", V1_FIXTURE)
+    model, _ = mvit2_jax.load_model("hf-hub:timm/mobilevit_xxs.cvnets_in1k")
+    assert isinstance(model, MobileViT) and (model.variant, model.num_classes) == ("xxs", 1000)
 
 
 def test_predict_and_init_from_take_hub_names(hub_cache, converted_050, small_config, tmp_path):

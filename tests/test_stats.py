@@ -2,7 +2,7 @@
 
 import pytest
 
-from mvit2_jax.models import VARIANTS, MobileViTv2
+from mvit2_jax.models import VARIANTS, MobileViT, MobileViTv2
 from mvit2_jax.stats import main, model_stats
 
 
@@ -21,10 +21,21 @@ def test_macs_grow_with_resolution():
 
 
 def test_cli_prints_a_row_per_width(capsys):
-    main(["--alphas", "0.5,0.75"])
+    main(["--alphas", "0.5,0.75", "--v1", ""])
     out = capsys.readouterr().out.splitlines()
     assert out[2].split()[:3] == ["0.5", "1,370,593", "1,370,593"]
     assert out[3].split()[0] == "0.75" and len(out) == 4
+
+
+def test_cli_shows_mobilevit_v1_beside_v2_with_its_attention_products(capsys):
+    main(["--alphas", "0.5", "--v1", "xxs,s"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[4].startswith("MobileViTv1") and [line.split()[:3] for line in out[6:]] == [
+        ["XXS", "1,272,024", "1,272,024"], ["S", "5,578,632", "5,578,632"]]
+    # Q K^T and the weighted sum of V over N tokens of width d, 4 patch positions, per layer:
+    # 2 * 4 * N^2 * d at 32x32 (N 256, d 64, 2 layers), 16x16 (64, 80, 4) and 8x8 (16, 96, 3).
+    expected = sum(2 * 4 * n * n * d * layers for n, d, layers in ((256, 64, 2), (64, 80, 4), (16, 96, 3)))
+    assert model_stats(MobileViT(variant="xxs"), 256)["attn_macs"] == expected
 
 
 def test_cli_rejects_bad_widths():

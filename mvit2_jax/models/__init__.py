@@ -1,4 +1,4 @@
-"""The MobileViTv2 model family: backbone, classifier, segmentation heads, SSDLite detector, blocks, attention units, variant table."""
+"""The MobileViTv2 model family: backbone, classifier, segmentation heads, SSDLite detector, blocks, attention units, variant table; MobileViTv1 for the comparison."""
 
 from mvit2_jax.models.attention import (
     ATTENTION,
@@ -23,6 +23,7 @@ from mvit2_jax.models.mobilevitv2 import (
     make_divisible,
     widths_for,
 )
+from mvit2_jax.models.mobilevit import V1_VARIANTS, MobileViT, MobileViTBackbone, MobileViTBlock
 from mvit2_jax.models.detection import MobileViTv2SSD
 from mvit2_jax.models.segmentation import HEADS, MobileViTv2Segmentation
 
@@ -34,6 +35,9 @@ __all__ = [
     "InvertedResidual",
     "KERNELS",
     "LinformerSelfAttention",
+    "MobileViT",
+    "MobileViTBackbone",
+    "MobileViTBlock",
     "MobileViTv2",
     "MobileViTv2Backbone",
     "MobileViTv2Block",
@@ -43,6 +47,7 @@ __all__ = [
     "OUTPUT_STRIDES",
     "SeparableSelfAttention",
     "TransformerLayer",
+    "V1_VARIANTS",
     "VARIANTS",
     "Variant",
     "Widths",

@@ -11,7 +11,7 @@ nn.BatchNorm's variables). One switch, `kernels`, picks how every layer computes
   runs several times faster. Same functions, same variables.
 - "auto": "cpu" on the CPU backend, "portable" elsewhere.
 
-GroupNorm and the align-corners resize have one implementation, library ops, on every path.
+GroupNorm, LayerNorm and the bilinear resizes have one implementation, library ops, on every path.
 """
 
 from __future__ import annotations
@@ -214,14 +214,27 @@ def group_norm1(dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def layer_norm(dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+    """LayerNorm over the last axis (per token), eps 1e-5 as PyTorch's."""
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
 @functools.lru_cache(maxsize=None)
 def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] linear-interpolation weights with align_corners=True."""
+    return bilinear_matrix(n_in, n_out, True)
+
+
+@functools.lru_cache(maxsize=None)
+def bilinear_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
+    """[n_out, n_in] linear-interpolation weights as PyTorch's F.interpolate computes them
+    (align_corners=False: half-pixel centres, sources below 0 clamped to 0; no antialiasing)."""
     m = np.zeros((n_out, n_in), np.float32)
-    if n_in == 1 or n_out == 1:
+    if n_in == 1 or (align_corners and n_out == 1):
         m[:, 0] = 1.0
         return m
-    src = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
+    dst = np.arange(n_out, dtype=np.float64)
+    src = dst * (n_in - 1) / (n_out - 1) if align_corners else np.maximum((dst + 0.5) * n_in / n_out - 0.5, 0.0)
     lo = np.clip(np.floor(src).astype(np.int64), 0, n_in - 1)
     hi = np.minimum(lo + 1, n_in - 1)
     frac = (src - lo).astype(np.float32)
@@ -233,10 +246,15 @@ def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def resize_bilinear_align_corners(x: jax.Array, height: int, width: int) -> jax.Array:
     """Bilinear resize of NHWC `x` with align_corners=True (PyTorch's F.interpolate)."""
+    return resize_bilinear(x, height, width, align_corners=True)
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int, align_corners: bool = False) -> jax.Array:
+    """Bilinear resize of NHWC `x` as PyTorch's F.interpolate(mode="bilinear", align_corners=...)."""
     _, h, w, _ = x.shape
     if (h, w) == (height, width):
         return x
-    ry = jnp.asarray(align_corners_matrix(h, height), x.dtype)
-    rx = jnp.asarray(align_corners_matrix(w, width), x.dtype)
+    ry = jnp.asarray(bilinear_matrix(h, height, align_corners), x.dtype)
+    rx = jnp.asarray(bilinear_matrix(w, width, align_corners), x.dtype)
     x = jnp.einsum("oh,bhwc->bowc", ry, x, precision=jax.lax.Precision.HIGHEST)
     return jnp.einsum("pw,bowc->bopc", rx, x, precision=jax.lax.Precision.HIGHEST)

@@ -27,6 +27,7 @@ from mvit2_jax.models.layers import (
     ConvBN,
     dense,
     group_norm1,
+    layer_norm,
     resize_bilinear_align_corners,
     resolve_kernels,
 )
@@ -163,11 +164,12 @@ class InvertedResidual(nn.Module):
     dilation: int = 1
     dtype: Dtype = jnp.float32
     kernels: str = "auto"
+    expansion: float = MV2_EXPANSION
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         cin = x.shape[-1]
-        hidden = make_divisible(round(cin * MV2_EXPANSION), 8)
+        hidden = make_divisible(round(cin * self.expansion), 8)
         kw = dict(dtype=self.dtype, kernels=self.kernels)
         y = ConvBN(hidden, 1, name="conv1_1x1", **kw)(x, train)
         y = ConvBN(hidden, 3, self.strides, groups=hidden, dilation=self.dilation, name="conv2_kxk", **kw)(y, train)
@@ -178,7 +180,9 @@ class InvertedResidual(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm layer: x + Attn(GN(x)), then x + FFN(GN(x)); GN is one-group GroupNorm."""
+    """Pre-norm layer: x + Attn(N(x)), then x + FFN(N(x)); N is one-group GroupNorm over a
+    whole patch-position sequence (MobileViTv2, `norm="group"`) or LayerNorm per token
+    (MobileViTv1, `norm="layer"`)."""
 
     dim: int
     attention: AttentionFactory
@@ -187,25 +191,30 @@ class TransformerLayer(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     kernels: str = "auto"
+    norm: str = "group"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         det = not train
         # Stochastic depth: drop the whole residual branch per sample.
         drop_branch = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)))
-        y = group_norm1(self.dtype, name="norm1")(x)
+        norm = TOKEN_NORMS[self.norm]
+        y = norm(self.dtype, name="norm1")(x)
         y = self.attention(self.dim, name="attn")(y, train)
         y = nn.Dropout(self.dropout)(y, deterministic=det)
         x = x + drop_branch(y, deterministic=det)
 
         hidden = int(FFN_MULTIPLIER * self.dim // 16 * 16)
-        y = group_norm1(self.dtype, name="norm2")(x)
+        y = norm(self.dtype, name="norm2")(x)
         y = dense(hidden, in_features=self.dim, dtype=self.dtype, kernels=self.kernels, name="fc1")(y)
         y = nn.silu(y)
         y = nn.Dropout(self.ffn_dropout)(y, deterministic=det)
         y = dense(self.dim, in_features=hidden, dtype=self.dtype, kernels=self.kernels, name="fc2")(y)
         y = nn.Dropout(self.dropout)(y, deterministic=det)
         return x + drop_branch(y, deterministic=det)
+
+
+TOKEN_NORMS = {"group": group_norm1, "layer": layer_norm}
 
 
 def unfold(x: jax.Array) -> jax.Array:
@@ -279,6 +288,35 @@ def compute_dtype(name: str) -> Dtype:
     return DTYPES[name]
 
 
+def checked_backbone_options(backbone: nn.Module, images: jax.Array) -> Tuple[Dtype, AttentionFactory]:
+    """(compute dtype, attention factory) of a backbone's fields (attention, num_heads,
+    linformer_proj_len, attn_dropout, dtype, kernels), each checked, and the images checked."""
+    check_images(images)
+    check_attention(backbone.attention)
+    resolve_kernels(backbone.kernels)
+    dtype = compute_dtype(backbone.dtype)
+    make_attention = attention_factory(
+        backbone.attention,
+        num_heads=backbone.num_heads,
+        proj_len=backbone.linformer_proj_len,
+        attn_dropout=backbone.attn_dropout,
+        dtype=dtype,
+        kernels=backbone.kernels,
+    )
+    return dtype, make_attention
+
+
+def classifier_head(num_classes: int, kernels: str) -> nn.Dense:
+    """The classifiers' linear head (float32; Xavier-uniform kernel, zero bias, as cvnets)."""
+    return dense(
+        num_classes,
+        dtype=jnp.float32,
+        kernels=kernels,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros,
+    )
+
+
 class MobileViTv2Backbone(nn.Module):
     """MobileViTv2 as a feature extractor. Input: float images in [0, 1], [B, H, W, 3].
 
@@ -308,20 +346,9 @@ class MobileViTv2Backbone(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
-        check_images(images)
-        check_attention(self.attention)
-        resolve_kernels(self.kernels)
-        dtype = compute_dtype(self.dtype)
+        dtype, make_attention = checked_backbone_options(self, images)
         stages = dilations_for(self.output_stride)
         widths = self.widths
-        make_attention = attention_factory(
-            self.attention,
-            num_heads=self.num_heads,
-            proj_len=self.linformer_proj_len,
-            attn_dropout=self.attn_dropout,
-            dtype=dtype,
-            kernels=self.kernels,
-        )
         kw = dict(dtype=dtype, kernels=self.kernels)
 
         features = {}
@@ -390,13 +417,7 @@ class MobileViTv2(nn.Module):
     def setup(self) -> None:
         setup_backbone(self)
         self.head_drop = nn.Dropout(self.head_dropout)
-        self.head = dense(
-            self.num_classes,
-            dtype=jnp.float32,
-            kernels=self.kernels,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.zeros,
-        )
+        self.head = classifier_head(self.num_classes, self.kernels)
 
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         x = self.backbone(images, train)["layer5"]
@@ -405,13 +426,14 @@ class MobileViTv2(nn.Module):
         return self.head(x)
 
 
-def setup_backbone(host: nn.Module, **fixed: Any) -> None:
-    """In `host.setup`: `host.backbone`, the MobileViTv2Backbone of the host's fields of the
-    same names (alpha, attention, dtype, kernels, ...; `fixed` overrides them), its variables
-    at the host's top level ("stem", "layer1", ...) as in the classifier and timm, so that
-    the classifier, segmentation and detection models share one backbone layout."""
-    fields = {f.name for f in dataclasses.fields(MobileViTv2Backbone)} - {"parent", "name"}
-    host.backbone = MobileViTv2Backbone(**{**{k: v for k, v in module_config(host).items() if k in fields}, **fixed})
+def setup_backbone(host: nn.Module, backbone: type = MobileViTv2Backbone, **fixed: Any) -> None:
+    """In `host.setup`: `host.backbone`, the `backbone` (MobileViTv2Backbone by default) of the
+    host's fields of the same names (alpha, attention, dtype, kernels, ...; `fixed` overrides
+    them), its variables at the host's top level ("stem", "stages_0_0", ...) as in the
+    classifier and timm, so that the classifiers, segmentation and detection models share one
+    backbone layout."""
+    fields = {f.name for f in dataclasses.fields(backbone)} - {"parent", "name"}
+    host.backbone = backbone(**{**{k: v for k, v in module_config(host).items() if k in fields}, **fixed})
     nn.share_scope(host, host.backbone)
 
 

@@ -102,8 +102,16 @@ class ImageTask:
         from mvit2_jax.models.mobilevitv2 import DTYPES
         from mvit2_jax.models.attention import check_attention
 
+        from mvit2_jax.models import V1_VARIANTS
+
         m, d = config.model, config.data
-        if not m.alpha > 0:
+        family = m.get("family", "mobilevitv2")
+        if family == "mobilevit":
+            if m.get("variant") not in V1_VARIANTS:
+                raise ConfigError(f"config.model.variant must be one of {tuple(V1_VARIANTS)} (MobileViTv1 sizes), got {m.get('variant')!r}")
+        elif family != "mobilevitv2":
+            raise ConfigError(f"config.model.family must be 'mobilevitv2' or 'mobilevit' (v1), got {family!r}")
+        elif not m.alpha > 0:
             raise ConfigError(f"config.model.alpha must be > 0 (a width multiplier such as 1.0), got {m.alpha}")
         try:
             check_attention(m.attention)
@@ -121,7 +129,12 @@ class ImageTask:
         return jnp.zeros((1, size, size, 3), jnp.float32)
 
     def check_pretrained(self, source: Mapping[str, Any], config: Config, path: str) -> None:
-        for field in ("alpha", "attention"):
+        family = source.get("family", "mobilevitv2")
+        if family != config.model.get("family", "mobilevitv2"):
+            names = {"mobilevitv2": "a MobileViTv2", "mobilevit": "a MobileViTv1"}
+            raise ConfigError(f"config.init_from={path} holds {names.get(family, family)} model but config.model describes "
+                              f"{names.get(config.model.get('family', 'mobilevitv2'))} one: choose a config of the same family")
+        for field in ("variant", "attention") if family == "mobilevit" else ("alpha", "attention"):
             if source[field] != config.model[field]:
                 raise ConfigError(
                     f"config.init_from={path} holds a {field}={source[field]!r} model but config.model.{field}={config.model[field]!r}: "
@@ -148,6 +161,9 @@ class ImageTask:
     def config_from_checkpoint(self, config: Config, model_config: Mapping[str, Any]) -> Config:
         config = config.copy_and_resolve_references()
         with config.unlocked():
+            if model_config.get("family", "mobilevitv2") != config.model.get("family", "mobilevitv2"):
+                # Another family (a MobileViTv1 checkpoint, a MobileViTv2 config): its fields, not the config's.
+                config.model = ml_collections.ConfigDict({k: v for k, v in model_config.items() if k != "num_classes"})
             for field, value in model_config.items():
                 if field == "num_classes":
                     config.data.num_classes = value

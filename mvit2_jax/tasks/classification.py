@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,11 +24,11 @@ import numpy as np
 import optax
 
 from mvit2_jax.errors import ConfigError, DataError
-from mvit2_jax.models import MobileViTv2
-from mvit2_jax.models.mobilevitv2 import module_config
+from mvit2_jax.models import MobileViT, MobileViTv2
 from mvit2_jax.tasks.base import ImageTask
 
 Config = ml_collections.ConfigDict
+CLASSIFIERS = {"mobilevitv2": MobileViTv2, "mobilevit": MobileViT}
 EVAL_RESIZE_RATIO = 288 / 256  # the official eval resize for 256 crops, scaled for other sizes
 
 
@@ -96,10 +97,15 @@ class Classification(ImageTask):
     # ------------------------------------------------------------------------- model
 
     def model_config(self, config: Config) -> Dict[str, Any]:
-        return module_config(MobileViTv2(num_classes=config.data.num_classes, **config.model.to_dict()))
+        return self.create_model({"num_classes": config.data.num_classes, **config.model.to_dict()}).config()
 
-    def create_model(self, model_config: Mapping[str, Any]) -> MobileViTv2:
-        return MobileViTv2(**model_config)
+    def create_model(self, model_config: Mapping[str, Any]) -> nn.Module:
+        """MobileViTv2, or MobileViTv1 where the config says `family: "mobilevit"`."""
+        fields = dict(model_config)
+        family = fields.pop("family", "mobilevitv2")
+        if family not in CLASSIFIERS:
+            raise ConfigError(f"model family must be one of {tuple(CLASSIFIERS)}, got {family!r}")
+        return CLASSIFIERS[family](**fields)
 
     # ------------------------------------------------------------------------- input
 
