@@ -2,6 +2,7 @@
 fixture (tests/fixtures/make_parity_fixture.py mobilevit_xxs --half), cvnets names, the
 feature backbone at every output stride, and conversion into a model directory."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -158,3 +159,28 @@ def test_the_v1_recipe_config_builds_the_v1_model_and_checks_its_fields():
 
     evaluated = task.config_from_checkpoint(quickstart.get_config(), {**fields, "num_classes": 1000})
     assert task.model_config(evaluated) == {**fields, "num_classes": 1000}
+
+
+def test_the_segmentation_and_ssd_heads_take_the_v1_backbone():
+    from mvit2_jax import tasks
+    from mvit2_jax.models import MobileViTv2Segmentation, MobileViTv2SSD
+
+    images = jnp.zeros((1, 64, 64, 3))
+    v1 = dict(family="mobilevit", attention="mha")  # (the task models' default unit is v2's separable one)
+    seg = MobileViTv2Segmentation(variant="xxs", num_classes=21, output_stride=16, aux_head=True, **v1)
+    logits, variables = jax.eval_shape(lambda: seg.init_with_output(jax.random.key(0), images))
+    assert logits.shape == (1, 64, 64, 21)
+    # The v1 backbone's variables (its final conv and head excluded) under the same names.
+    classifier = jax.eval_shape(lambda: MobileViT(variant="xxs").init(jax.random.key(0), images))
+    backbone = {k: v for k, v in classifier["params"].items() if k not in ("final_conv", "head")}
+    shapes = functools.partial(jax.tree.map, lambda a: a.shape)
+    assert shapes({k: variables["params"][k] for k in backbone}) == shapes(backbone)
+    ssd = MobileViTv2SSD(variant="s", num_classes=21, **v1)
+    out = jax.eval_shape(lambda: ssd.init_with_output(jax.random.key(0), images))[0]
+    assert out["loc"].shape == (1, 142, 4) and out["cls"].shape == (1, 142, 21)
+    # Recorded without the other family's width field, and rebuilt from the record.
+    for task, model in (("segmentation", seg), ("detection", ssd)):
+        record = model.config()
+        assert record["family"] == "mobilevit" and "alpha" not in record
+        assert tasks.get(task).create_model(record) == model
+    assert "family" not in MobileViTv2Segmentation(alpha=0.5).config()

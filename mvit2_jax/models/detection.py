@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from mvit2_jax.errors import ConfigError
 from mvit2_jax.models import anchors as anchor_lib
 from mvit2_jax.models.layers import Conv, ConvBN
-from mvit2_jax.models.mobilevitv2 import compute_dtype, module_config, setup_backbone
+from mvit2_jax.models.mobilevit import family_config, setup_any_backbone
+from mvit2_jax.models.mobilevitv2 import compute_dtype
 
 Dtype = Any
 EXTRA_STRIDES = (64, 128, 256)
@@ -83,6 +84,8 @@ class MobileViTv2SSD(nn.Module):
     Attributes:
       alpha, attention, num_heads, linformer_proj_len, dtype, dropout, attn_dropout,
         ffn_dropout, drop_path, kernels: the backbone's (see `MobileViTv2`).
+      family: the backbone, "mobilevitv2" (default; its width `alpha`) or "mobilevit"
+        (MobileViTv1, its size `variant`: "xxs", "xs", "s"; with attention="mha", v1's own unit).
       num_classes: classes including background (81 for COCO, 21 for VOC).
       proj_channels: the six levels' projection widths (the extra layers' widths for levels
         2-5), officially (512, 256, 256, 128, 128, 64).
@@ -100,10 +103,12 @@ class MobileViTv2SSD(nn.Module):
     ffn_dropout: float = 0.0
     drop_path: float = 0.0
     kernels: str = "auto"
+    family: str = "mobilevitv2"
+    variant: str = "xxs"
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments, JSON-serializable; MobileViTv2SSD(**config) rebuilds it."""
-        config = module_config(self)
+        config = family_config(self)
         config["proj_channels"] = [int(v) for v in config["proj_channels"]]
         return config
 
@@ -113,7 +118,7 @@ class MobileViTv2SSD(nn.Module):
         if len(self.proj_channels) != len(anchor_lib.OUTPUT_STRIDES):
             raise ConfigError(f"proj_channels needs {len(anchor_lib.OUTPUT_STRIDES)} widths, got {tuple(self.proj_channels)}")
         dtype = compute_dtype(self.dtype)
-        setup_backbone(self, output_stride=32)
+        setup_any_backbone(self, output_stride=32)
         kw = dict(dtype=dtype, kernels=self.kernels)
         self.extras = [
             SeparableConv(self.proj_channels[i], 3, 2, name=f"extra_os_{os}", **kw) for i, os in enumerate(EXTRA_STRIDES, start=2)

@@ -36,6 +36,7 @@ from mvit2_jax.models.mobilevitv2 import (
     PATCH_SIZE,
     TRANSFORMER_DEPTHS,
     InvertedResidual,
+    MobileViTv2Backbone,
     TransformerLayer,
     checked_backbone_options,
     classifier_head,
@@ -230,3 +231,25 @@ class MobileViT(nn.Module):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = self.head_drop(x, deterministic=not train)
         return self.head(x)
+
+
+BACKBONES = {"mobilevitv2": MobileViTv2Backbone, "mobilevit": MobileViTBackbone}
+
+
+def setup_any_backbone(host: nn.Module, **fixed: Any) -> None:
+    """`setup_backbone` for a task model with a `family` field: MobileViTv2Backbone (its
+    `alpha`) or MobileViTBackbone (its `variant`), the segmentation and SSD heads unchanged."""
+    if host.family not in BACKBONES:
+        raise ConfigError(f"family must be one of {tuple(BACKBONES)}, got {host.family!r}")
+    if host.family == "mobilevit":
+        v1_variant(host.variant)
+    setup_backbone(host, BACKBONES[host.family], **fixed)
+
+
+def family_config(host: nn.Module) -> Dict[str, Any]:
+    """A task model's constructor arguments without the other family's fields: a MobileViTv2
+    model records no `family` or `variant` (as before the family existed), a v1 model no `alpha`."""
+    config = module_config(host)
+    for field in ("family", "variant") if host.family == "mobilevitv2" else ("alpha",):
+        config.pop(field, None)
+    return config

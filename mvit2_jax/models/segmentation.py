@@ -29,7 +29,8 @@ import numpy as np
 
 from mvit2_jax.errors import ConfigError
 from mvit2_jax.models.layers import Conv, ConvBN, resize_bilinear_align_corners
-from mvit2_jax.models.mobilevitv2 import compute_dtype, module_config, setup_backbone
+from mvit2_jax.models.mobilevit import family_config, setup_any_backbone
+from mvit2_jax.models.mobilevitv2 import compute_dtype
 
 Dtype = Any
 HEADS = ("deeplabv3", "pspnet")
@@ -131,6 +132,8 @@ class MobileViTv2Segmentation(nn.Module):
     Attributes:
       alpha, attention, num_heads, linformer_proj_len, dtype, dropout, attn_dropout,
         ffn_dropout, drop_path, kernels: the backbone's (see `MobileViTv2`).
+      family: the backbone, "mobilevitv2" (default; its width `alpha`) or "mobilevit"
+        (MobileViTv1, its size `variant`: "xxs", "xs", "s"; with attention="mha", v1's own unit).
       num_classes: classes of the classifier (and of the aux head).
       head: "deeplabv3" or "pspnet".
       output_stride: 8, 16 or 32 (the backbone's dilation).
@@ -161,10 +164,12 @@ class MobileViTv2Segmentation(nn.Module):
     ffn_dropout: float = 0.0
     drop_path: float = 0.0
     kernels: str = "auto"
+    family: str = "mobilevitv2"
+    variant: str = "xxs"
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments, JSON-serializable; MobileViTv2Segmentation(**config) rebuilds it."""
-        config = module_config(self)
+        config = family_config(self)
         for field in ("aspp_rates", "psp_pool_sizes"):
             config[field] = [int(v) for v in config[field]]
         return config
@@ -177,7 +182,7 @@ class MobileViTv2Segmentation(nn.Module):
         if self.head == "deeplabv3" and len(self.aspp_rates) != 3:
             raise ConfigError(f"aspp_rates must be three dilation rates such as (6, 12, 18), got {tuple(self.aspp_rates)}")
         dtype = compute_dtype(self.dtype)
-        setup_backbone(self)
+        setup_any_backbone(self)
         kw = dict(dropout=self.head_dropout, dtype=dtype, kernels=self.kernels)
         if self.head == "deeplabv3":
             self.context = ASPP(self.aspp_features, tuple(self.aspp_rates), name="aspp", **kw)
