@@ -441,3 +441,26 @@ def test_attention_registry_builds_each_unit(name):
     assert y.shape == x.shape
     with pytest.raises(ConfigError, match="attention must be one of"):
         attention_factory("performer")
+
+
+@pytest.mark.parametrize("height, width", [(8, 8), (4, 10)])
+def test_the_rank4_unfold_and_fold_equal_the_transposes(height, width):
+    """The portable path's unfold / fold (tensors of rank 4 at most, for mobile runtimes)."""
+    from mvit2_jax.models.mobilevitv2 import fold, unfold
+
+    x = jax.random.normal(jax.random.key(40), (2, height, width, 3))
+    patches = unfold(x)
+    np.testing.assert_array_equal(unfold(x, rank4=True), patches)
+    np.testing.assert_array_equal(fold(patches, height, width, rank4=True), x)
+    np.testing.assert_array_equal(fold(patches, height, width), x)
+
+
+def test_the_rank4_group_norm_equals_flax_group_norm():
+    from mvit2_jax.models.layers import group_norm1
+
+    x = 3.0 + jax.random.normal(jax.random.key(41), (2, 4, 16, 8))
+    flax_norm, ours = group_norm1(jnp.float32, kernels="cpu"), group_norm1(jnp.float32, kernels="portable")
+    variables = flax_norm.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(42), v.shape), variables)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+    np.testing.assert_allclose(ours.apply(variables, x), flax_norm.apply(variables, x), atol=2e-6)

@@ -69,7 +69,10 @@ class MultiHeadSelfAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.dim % self.num_heads:
             raise ConfigError(f"attention dim {self.dim} is not divisible by num_heads={self.num_heads}")
-        return nn.MultiHeadDotProductAttention(
+        # [B, P, N, d] as [B*P, N, d]: the heads' tensors stay at rank 4.
+        lead = x.shape[:-2]
+        x = x.reshape(-1, *x.shape[-2:])
+        y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             qkv_features=self.dim,
             out_features=self.dim,
@@ -80,6 +83,7 @@ class MultiHeadSelfAttention(nn.Module):
             force_fp32_for_softmax=True,
             name="mha",
         )(x, deterministic=not train)
+        return y.reshape(*lead, *y.shape[-2:])
 
 
 class LinformerSelfAttention(nn.Module):
@@ -101,7 +105,8 @@ class LinformerSelfAttention(nn.Module):
         d, h = self.dim, self.num_heads
         if d % h:
             raise ConfigError(f"attention dim {d} is not divisible by num_heads={h}")
-        n = x.shape[-2]
+        lead, n = x.shape[:-2], x.shape[-2]
+        x = x.reshape(-1, n, x.shape[-1])  # [B*P, N, d]: the heads' tensors stay at rank 4
         proj_init = nn.initializers.normal(stddev=self.proj_len**-0.5)
         e = self.param("proj_k", proj_init, (n, self.proj_len), jnp.float32).astype(self.dtype)
         f = self.param("proj_v", proj_init, (n, self.proj_len), jnp.float32).astype(self.dtype)
@@ -125,7 +130,7 @@ class LinformerSelfAttention(nn.Module):
             dtype=self.dtype,
             force_fp32_for_softmax=True,
         )
-        out = out.reshape(*out.shape[:-2], d)
+        out = out.reshape(*lead, n, d)
         return self._dense(d, "out_proj")(out)
 
     def _dense(self, features: int, name: str) -> nn.Dense:

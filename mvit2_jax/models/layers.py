@@ -57,6 +57,30 @@ def resolve_kernels(kernels: str) -> str:
     return kernels
 
 
+def portable_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """nn.Dense's product [..., k] @ [k, n] for the portable path: on a rank-4 input a 1x1
+    convolution, on rank 3 a matrix product of the flattened rows; the same values through
+    the ops mobile runtimes take (their matrix products stop at rank 3, and converters fold
+    reshapes around a product back into it)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and rhs.ndim == 2:
+        if lhs.ndim == 4:
+            return pointwise_conv(lhs, rhs, precision, preferred_element_type)
+        if lhs.ndim == 3:
+            out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision,
+                                      preferred_element_type=preferred_element_type)
+            return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, precision=None, preferred_element_type=None) -> jax.Array:
+    """x [B, H, W, k] @ kernel [k, n] as a 1x1 convolution."""
+    return jax.lax.conv_general_dilated(
+        x, kernel[None, None], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
 class Conv(nn.Module):
     """2-D convolution, NHWC, HWIO kernel, symmetric padding ((k-1)//2) * dilation as in PyTorch."""
 
@@ -84,7 +108,7 @@ class Conv(nn.Module):
         cpu = resolve_kernels(self.kernels) == "cpu"
         pad = (k - 1) // 2 * d
         if k == 1 and self.strides == 1 and self.groups == 1:
-            y = cpu_kernels.pointwise(x, kernel[0, 0]) if cpu else jnp.dot(x, kernel[0, 0])
+            y = cpu_kernels.pointwise(x, kernel[0, 0]) if cpu else pointwise_conv(x, kernel[0, 0])
         elif cpu and self.groups == cin == self.features:
             y = cpu_kernels.depthwise_conv(x, kernel, self.strides, pad, d)
         else:
@@ -119,7 +143,8 @@ def dense(
     Initialized like a PyTorch linear / 1x1 conv (needs `in_features` for the bias) unless
     `kernel_init` and `bias_init` are given.
     """
-    extra = {"dot_general": cpu_kernels.pointwise_dot_general} if resolve_kernels(kernels) == "cpu" else {}
+    cpu = resolve_kernels(kernels) == "cpu"
+    extra = {"dot_general": cpu_kernels.pointwise_dot_general if cpu else portable_dot_general}
     return nn.Dense(
         features,
         dtype=dtype,
@@ -209,12 +234,38 @@ class ConvBN(nn.Module):
 ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, None: lambda x: x}
 
 
-def group_norm1(dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
-    """GroupNorm with one group: statistics over every non-batch axis, per-channel affine."""
+def group_norm1(dtype: Dtype, name: Optional[str] = None, kernels: str = "auto") -> nn.Module:
+    """GroupNorm with one group: statistics over every non-batch axis, per-channel affine.
+
+    nn.GroupNorm, whose statistics pass through a rank-5 view of a [B, P, N, d] input; on the
+    portable path `GroupNorm1`, the same variables and formula with every tensor at rank 4."""
+    if resolve_kernels(kernels) == "portable":
+        return GroupNorm1(epsilon=1e-5, dtype=dtype, name=name)
     return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def layer_norm(dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+class GroupNorm1(nn.Module):
+    """One-group GroupNorm as nn.GroupNorm computes it (float32 statistics, the variance as
+    E[x^2] - E[x]^2, (x - mean) * (rsqrt(var + eps) * scale) + bias), reducing over the
+    non-batch axes directly; variables "scale" and "bias" as nn.GroupNorm's."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(1, x.ndim))
+        mean = jnp.mean(xf, axes, keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(xf), axes, keepdims=True) - jnp.square(mean), 0.0)
+        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype)
+
+
+def layer_norm(dtype: Dtype, name: Optional[str] = None, kernels: str = "auto") -> nn.LayerNorm:
     """LayerNorm over the last axis (per token), eps 1e-5 as PyTorch's."""
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from mvit2_jax.errors import ConfigError
 from mvit2_jax.models.attention import AttentionFactory
-from mvit2_jax.models.layers import Conv, ConvBN, layer_norm, resize_bilinear
+from mvit2_jax.models.layers import Conv, ConvBN, layer_norm, resize_bilinear, resolve_kernels
 from mvit2_jax.models.mobilevitv2 import (
     PATCH_SIZE,
     TRANSFORMER_DEPTHS,
@@ -108,7 +108,8 @@ class MobileViTBlock(nn.Module):
         y = Conv(self.attn_dim, 1, name="conv_1x1", **kw)(y)
         p = PATCH_SIZE
         new_h, new_w = math.ceil(h / p) * p, math.ceil(w / p) * p
-        y = unfold(resize_bilinear(y, new_h, new_w))
+        rank4 = resolve_kernels(self.kernels) == "portable"  # the export path: every tensor rank 4 or less
+        y = unfold(resize_bilinear(y, new_h, new_w), rank4)
         for t in range(self.depth):
             y = TransformerLayer(
                 self.attn_dim,
@@ -121,7 +122,7 @@ class MobileViTBlock(nn.Module):
                 **kw,
             )(y, train)
         y = layer_norm(self.dtype, name="norm")(y)
-        y = resize_bilinear(fold(y, new_h, new_w), h, w)
+        y = resize_bilinear(fold(y, new_h, new_w, rank4), h, w)
         y = ConvBN(self.features, 1, name="conv_proj", **kw)(y, train)
         fused = jnp.concatenate([shortcut.astype(y.dtype), y], axis=-1)
         return ConvBN(self.features, 3, name="conv_fusion", **kw)(fused, train)

@@ -199,13 +199,13 @@ class TransformerLayer(nn.Module):
         # Stochastic depth: drop the whole residual branch per sample.
         drop_branch = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)))
         norm = TOKEN_NORMS[self.norm]
-        y = norm(self.dtype, name="norm1")(x)
+        y = norm(self.dtype, name="norm1", kernels=self.kernels)(x)
         y = self.attention(self.dim, name="attn")(y, train)
         y = nn.Dropout(self.dropout)(y, deterministic=det)
         x = x + drop_branch(y, deterministic=det)
 
         hidden = int(FFN_MULTIPLIER * self.dim // 16 * 16)
-        y = norm(self.dtype, name="norm2")(x)
+        y = norm(self.dtype, name="norm2", kernels=self.kernels)(x)
         y = dense(hidden, in_features=self.dim, dtype=self.dtype, kernels=self.kernels, name="fc1")(y)
         y = nn.silu(y)
         y = nn.Dropout(self.ffn_dropout)(y, deterministic=det)
@@ -217,18 +217,36 @@ class TransformerLayer(nn.Module):
 TOKEN_NORMS = {"group": group_norm1, "layer": layer_norm}
 
 
-def unfold(x: jax.Array) -> jax.Array:
-    """[B, H, W, d] -> [B, P, N, d]: P pixel positions in a patch, N patches (row-major)."""
+def unfold(x: jax.Array, rank4: bool = False) -> jax.Array:
+    """[B, H, W, d] -> [B, P, N, d]: P pixel positions in a patch, N patches (row-major).
+
+    `rank4`: the same values through tensors of rank 4 at most (reshapes, slices and
+    concatenations), the form mobile runtimes accept; the default is one rank-6 transpose."""
     b, h, w, d = x.shape
     p = PATCH_SIZE
+    if rank4:
+        # [B, H/p, p*W, d]: row r*p + i of x is row r, columns i*W ... (i+1)*W - 1; then the
+        # same for the columns inside each row, through the channels.
+        rows = x.reshape(b, h // p, p * w, d)
+        parts = []
+        for i in range(p):
+            cols = rows[:, :, i * w:(i + 1) * w, :].reshape(b, h // p, w // p, p * d)
+            parts += [cols[..., j * d:(j + 1) * d].reshape(b, 1, (h // p) * (w // p), d) for j in range(p)]
+        return jnp.concatenate(parts, axis=1)
     x = x.reshape(b, h // p, p, w // p, p, d).transpose(0, 2, 4, 1, 3, 5)
     return x.reshape(b, p * p, (h // p) * (w // p), d)
 
 
-def fold(x: jax.Array, height: int, width: int) -> jax.Array:
-    """Inverse of `unfold`: [B, P, N, d] -> [B, H, W, d]."""
+def fold(x: jax.Array, height: int, width: int, rank4: bool = False) -> jax.Array:
+    """Inverse of `unfold`: [B, P, N, d] -> [B, H, W, d] (`rank4`: as in `unfold`)."""
     b, _, _, d = x.shape
     p = PATCH_SIZE
+    if rank4:
+        rows = []
+        for i in range(p):
+            cols = [x[:, i * p + j].reshape(b, height // p, width // p, d) for j in range(p)]
+            rows.append(jnp.concatenate(cols, axis=-1).reshape(b, height // p, width, d))
+        return jnp.concatenate(rows, axis=2).reshape(b, height, width, d)
     x = x.reshape(b, p, p, height // p, width // p, d).transpose(0, 3, 1, 4, 2, 5)
     return x.reshape(b, height, width, d)
 
@@ -261,7 +279,8 @@ class MobileViTv2Block(nn.Module):
         kw = dict(dtype=self.dtype, kernels=self.kernels)
         x = ConvBN(c, 3, groups=c, dilation=self.dilation, name="conv_kxk", **kw)(x, train)
         x = Conv(self.attn_dim, 1, name="conv_1x1", **kw)(x)
-        x = unfold(x)
+        rank4 = resolve_kernels(self.kernels) == "portable"  # the export path: every tensor rank 4 or less
+        x = unfold(x, rank4)
         for t in range(self.depth):
             x = TransformerLayer(
                 self.attn_dim,
@@ -272,8 +291,8 @@ class MobileViTv2Block(nn.Module):
                 name=f"transformer_{t}",
                 **kw,
             )(x, train)
-        x = group_norm1(self.dtype, name="norm")(x)
-        x = fold(x, new_h, new_w)
+        x = group_norm1(self.dtype, name="norm", kernels=self.kernels)(x)
+        x = fold(x, new_h, new_w, rank4)
         return ConvBN(self.features, 1, act=None, name="conv_proj", **kw)(x, train)
 
 

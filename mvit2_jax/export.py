@@ -1,0 +1,300 @@
+"""Export a model to TensorFlow SavedModel or TFLite / LiteRT, checked in the target runtime.
+
+    python -m mvit2_jax.export --checkpoint DIR_OR_HUB_NAME --format tflite --out model.tflite
+        [--image-size N] [--batch N | --dynamic-batch] [--quantize none|float16|dynamic|int8]
+        [--calibration IMAGE_DIR] [--uint8-input] [--raw]
+
+Every task exports: a classifier gives "logits" [B, classes], a segmentation model "logits"
+[B, H, W, classes] at the input size, an SSD its raw "loc" [B, A, 4] and "cls" [B, A,
+classes] (no NMS in the graph) with its anchors written beside the file (OUT_anchors.npy,
+center form, normalized); `decode_detections` is the NumPy decoding and class-aware NMS of
+those outputs. Inputs are float NHWC RGB in [0, 1] of the recorded image size, or with
+`--uint8-input` uint8 pixels that the graph scales by 1/255 (the official preprocessing:
+the resize and crop stay outside, as in `mvit2_jax.predict`).
+
+The model runs on its portable path (`kernels="portable"`: library ops only), where the
+MobileViT blocks' unfold and fold, the one-group GroupNorm and the attention heads keep every
+tensor at rank 4 or below, the same values as the default path. The graph is made by jax2tf
+(one StableHLO module in a SavedModel) and the TFLite converter turns it into builtin LiteRT
+ops. Quantization (TFLite only): "float16" weights, "dynamic" (int8 weights, float compute),
+"int8" (int8 weights and activations, calibrated on `--calibration` images with the task's
+eval preprocessing; inputs and outputs stay float). After writing, the command runs the
+export in its runtime (TensorFlow for a SavedModel, ai-edge-litert's interpreter for TFLite)
+on a few random inputs and prints the largest difference from the JAX model; a float32
+export further than 1e-4 from it is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
+
+FORMATS = ("savedmodel", "tflite")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+FLOAT32_TOLERANCE = 1e-4
+
+
+def load_exportable(checkpoint: str, ema: bool = True):
+    """(model on the portable path, variables, config record) of a directory or hub name."""
+    from mvit2_jax.checkpoint import load_model, read_config
+    from mvit2_jax.hub import local_path
+
+    path = local_path(checkpoint)
+    meta = read_config(path)[0]
+    model, variables = load_model(path, ema=ema, kernels="portable")
+    return model, variables, meta
+
+
+def inference_function(model, variables, task: str, uint8_input: bool = False) -> Callable[[Any], Dict[str, Any]]:
+    """images -> {output name: array}, the exported computation (eval mode)."""
+    import jax.numpy as jnp
+
+    def run(images):
+        x = images.astype(jnp.float32) / 255.0 if uint8_input else images
+        out = model.apply(variables, x, train=False)
+        if task == "detection":
+            return {"loc": out["loc"], "cls": out["cls"]}
+        return {"logits": out}
+
+    return run
+
+
+def to_savedmodel(fn: Callable, input_shape: Tuple[Optional[int], int, int, int], input_dtype: str, out: str) -> str:
+    """A TensorFlow SavedModel at `out` whose "serving_default" signature runs `fn`."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    polymorphic = None if input_shape[0] is not None else ["(b, _, _, _)"]
+    converted = jax2tf.convert(fn, with_gradient=False, polymorphic_shapes=polymorphic)
+    signature = tf.function(converted, input_signature=[tf.TensorSpec(input_shape, tf.as_dtype(input_dtype), name="images")],
+                            autograph=False)
+    module = tf.Module()
+    module.serve = signature
+    tf.saved_model.save(module, out, signatures={"serving_default": signature.get_concrete_function()})
+    return out
+
+
+def to_tflite(saved_model: str, quantize: str = "none", calibration: Optional[np.ndarray] = None) -> bytes:
+    """The TFLite flatbuffer of a SavedModel, builtin ops only, quantized as asked."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        if calibration is None or not len(calibration):
+            raise ConfigError("--quantize int8 needs --calibration IMAGE_DIR (images to calibrate the activations on)")
+
+        def representative():
+            for image in calibration:
+                yield [image[None]]
+
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        return converter.convert()
+    except Exception as e:  # the converter's errors carry MLIR locations over many lines
+        raise RuntimeError(f"the TFLite converter failed: {str(e).strip().splitlines()[0]}") from e
+
+
+def run_tflite(model: bytes, inputs: np.ndarray, threads: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Outputs of a TFLite model (its serving signature) on `inputs`, with ai-edge-litert."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model, num_threads=threads)
+    runner = interpreter.get_signature_runner()
+    (name,) = runner.get_input_details()
+    return {k: np.asarray(v) for k, v in runner(**{name: inputs}).items()}
+
+
+def run_savedmodel(path: str, inputs: np.ndarray) -> Dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    return {k: v.numpy() for k, v in serve(images=tf.constant(inputs)).items()}
+
+
+def tflite_max_rank(model: bytes) -> int:
+    """The largest rank of any tensor in a TFLite model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return max(len(t["shape"]) for t in Interpreter(model_content=model).get_tensor_details())
+
+
+def calibration_images(task: str, meta: Dict[str, Any], folder: str, size: int, count: int = 64) -> np.ndarray:
+    """Up to `count` images of `folder`, through the task's eval preprocessing (as predict)."""
+    from mvit2_jax import predict
+
+    if not os.path.isdir(folder):
+        raise DataError(f"--calibration must be a folder of images, got {folder}")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith("."))[:count]
+    if task == "classification":
+        images, _, _ = predict.load_images(paths, size, meta.get("eval_resize_size"))
+    else:
+        from mvit2_jax.data import detection as det_data, segmentation as seg_data
+
+        eval_image = (seg_data if task == "segmentation" else det_data).eval_image
+        images = [image for _, _, image in predict._each_image(paths, lambda data: eval_image(data, size), [])]
+    if not len(images):
+        raise DataError(f"no readable image in {folder} to calibrate on")
+    return np.asarray(images, np.float32)
+
+
+def export(
+    checkpoint: str,
+    fmt: str,
+    out: str,
+    image_size: Optional[int] = None,
+    batch: Optional[int] = 1,
+    quantize: str = "none",
+    calibration: Optional[str] = None,
+    uint8_input: bool = False,
+    ema: bool = True,
+    check_inputs: int = 2,
+) -> Dict[str, Any]:
+    """Export `checkpoint` to `out`; returns {"path", "outputs", "max_abs_diff", "max_rank", ...}.
+
+    `batch` None exports a dynamic batch dimension."""
+    import jax
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if quantize not in QUANTIZATIONS:
+        raise ConfigError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    if quantize != "none" and fmt != "tflite":
+        raise ConfigError(f"--quantize {quantize} applies to --format tflite (a SavedModel keeps float32 weights)")
+    if quantize == "int8" and not calibration:
+        raise ConfigError("--quantize int8 needs --calibration IMAGE_DIR (images to calibrate the activations on)")
+    if os.path.exists(out) and (os.path.isfile(out) or os.listdir(out)):
+        raise ConfigError(f"{out} exists: choose a new output path")
+    model, variables, meta = load_exportable(checkpoint, ema)
+    task = meta["task"]
+    size = int(image_size or meta.get("image_size", (256, 256))[0])
+    if task == "detection" and size % 32:
+        raise ConfigError(f"an SSD's input side must be divisible by 32, got {size}")
+    fn = inference_function(model, variables, task, uint8_input)
+    dtype = "uint8" if uint8_input else "float32"
+    rng = np.random.default_rng(0)
+    n = batch or 2
+    samples = [rng.integers(0, 256, (n, size, size, 3)).astype(np.uint8) if uint8_input else rng.random((n, size, size, 3), np.float32)
+               for _ in range(max(check_inputs, 1))]
+    expected = [jax.device_get(jax.jit(fn)(x)) for x in samples]
+
+    result: Dict[str, Any] = {"task": task, "format": fmt, "image_size": size, "batch": batch, "quantize": quantize, "input_dtype": dtype}
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = to_savedmodel(fn, (batch, size, size, 3), dtype, out if fmt == "savedmodel" else os.path.join(scratch, "savedmodel"))
+        if fmt == "tflite":
+            images = calibration_images(task, meta, calibration, size) if calibration else None
+            if images is not None and uint8_input:
+                images = np.round(images * 255.0).astype(np.uint8)
+            flatbuffer = to_tflite(saved, quantize, images)
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "wb") as f:
+                f.write(flatbuffer)
+            result["max_rank"] = tflite_max_rank(flatbuffer)
+            got = [run_tflite(flatbuffer, x) for x in samples]
+        else:
+            got = [run_savedmodel(out, x) for x in samples]
+    if task == "detection":
+        from mvit2_jax.models import anchors as anchor_lib
+
+        anchors_path = os.path.splitext(out.rstrip("/"))[0] + "_anchors.npy"
+        np.save(anchors_path, np.asarray(anchor_lib.ssd_anchors(size, size), np.float32))
+        result["anchors"] = anchors_path
+    diffs = {k: max(float(np.abs(g[k].astype(np.float32) - e[k]).max()) for g, e in zip(got, expected)) for k in expected[0]}
+    result.update(path=out, outputs={k: list(np.shape(v)) for k, v in expected[0].items()}, max_abs_diff=diffs)
+    scale = {k: max(float(np.abs(e[k]).max()) for e in expected) for k in expected[0]}
+    result["max_abs_output"] = scale
+    if task == "classification":
+        top1 = [np.argmax(g["logits"], -1) == np.argmax(e["logits"], -1) for g, e in zip(got, expected)]
+        result["top1_agreement"] = float(np.mean(np.concatenate(top1)))
+    if quantize == "none" and max(diffs.values()) > FLOAT32_TOLERANCE:
+        raise RuntimeError(f"the float32 export differs from the JAX model by {max(diffs.values()):.3g} (> {FLOAT32_TOLERANCE}): {diffs}")
+    return result
+
+
+def decode_detections(loc: np.ndarray, cls_logits: np.ndarray, anchors: np.ndarray, score_threshold: float = 0.01,
+                      iou_threshold: float = 0.5, max_detections: int = 200, top_k: int = 400) -> List[Dict[str, np.ndarray]]:
+    """Per image {"boxes" [D, 4] corner form (normalized), "scores" [D], "classes" [D]} from an
+    exported SSD's raw outputs, as `mvit2_jax.models.anchors.postprocess` computes them:
+    softmax, per class the `top_k` scores above the threshold, greedy NMS per class, the best
+    `max_detections` over all classes."""
+    from mvit2_jax.models.anchors import CENTER_VARIANCE, SIZE_VARIANCE
+
+    results = []
+    for image_loc, logits in zip(np.asarray(loc, np.float32), np.asarray(cls_logits, np.float32)):
+        centers = image_loc[:, :2] * CENTER_VARIANCE * anchors[:, 2:] + anchors[:, :2]
+        sizes = np.exp(image_loc[:, 2:] * SIZE_VARIANCE) * anchors[:, 2:]
+        boxes = np.concatenate([centers - sizes / 2, centers + sizes / 2], -1)
+        z = logits - logits.max(-1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        found = []
+        for c in range(1, probs.shape[1]):
+            order = np.argsort(-probs[:, c], kind="stable")[:top_k]
+            order = order[probs[order, c] > score_threshold]
+            kept: List[int] = []
+            for i in order:
+                if all(_iou(boxes[i], boxes[j]) <= iou_threshold for j in kept):
+                    kept.append(i)
+            found += [(probs[i, c], c, i) for i in kept]
+        found.sort(key=lambda t: -t[0])
+        found = found[:max_detections]
+        results.append({
+            "boxes": np.array([boxes[i] for _, _, i in found], np.float32).reshape(-1, 4),
+            "scores": np.array([s for s, _, _ in found], np.float32),
+            "classes": np.array([c for _, c, _ in found], np.int32),
+        })
+    return results
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    wh = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0.0, None)
+    overlap = wh[0] * wh[1]
+    area = lambda box: max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)  # noqa: E731
+    union = area(a) + area(b) - overlap
+    return float(overlap / union) if union > 0 else 0.0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mvit2_jax.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="model directory, training workdir or hub name (hf-hub:...)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="output file (tflite) or new directory (savedmodel)")
+    parser.add_argument("--image-size", type=int, default=None, help="input side (default: the recorded image size)")
+    parser.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
+    parser.add_argument("--dynamic-batch", action="store_true", help="a batch dimension of any size")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="tflite weights / activations")
+    parser.add_argument("--calibration", default=None, help="int8: a folder of images to calibrate on")
+    parser.add_argument("--uint8-input", action="store_true", help="the graph takes uint8 pixels and scales them by 1/255")
+    parser.add_argument("--raw", action="store_true", help="training workdirs: the raw weights, not EMA")
+    args = parser.parse_args(argv)
+    with usage_errors_exit(f"{parser.prog}: error"):
+        if args.batch < 1:
+            raise ConfigError(f"--batch must be at least 1, got {args.batch}")
+        result = export(args.checkpoint, args.format, args.out, args.image_size, None if args.dynamic_batch else args.batch,
+                        args.quantize, args.calibration, args.uint8_input, not args.raw)
+    print(f"wrote {result['path']}: {result['task']}, {result['image_size']}x{result['image_size']} {result['input_dtype']} input, "
+          f"batch {result['batch'] or 'dynamic'}, quantize {result['quantize']}")
+    for name, shape in result["outputs"].items():
+        print(f"  {name} {shape}: max |export - JAX| = {result['max_abs_diff'][name]:.3g} (outputs up to {result['max_abs_output'][name]:.3g})")
+    if "top1_agreement" in result:
+        print(f"  top-1 agreement with the JAX model on the check inputs: {result['top1_agreement']:.0%}")
+    if "max_rank" in result:
+        print(f"  largest tensor rank in the graph: {result['max_rank']}")
+    if "anchors" in result:
+        print(f"  anchors: {result['anchors']} (decode with mvit2_jax.export.decode_detections)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

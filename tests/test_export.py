@@ -1,0 +1,92 @@
+"""mvit2_jax.export: SavedModel and TFLite exports of every task, checked in their runtimes
+(TensorFlow, ai-edge-litert), every tensor at rank 4 or below, and the NumPy decoding of an
+exported SSD's outputs against the model's own post-processing."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from mvit2_jax import export as export_lib
+from mvit2_jax.convert import convert
+from mvit2_jax.models import anchors as anchor_lib
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_a_classifier_exports_to_tflite_with_float32_parity(converted_050, tmp_path, capsys):
+    out = tmp_path / "classifier.tflite"
+    assert export_lib.main(["--checkpoint", converted_050, "--format", "tflite", "--out", str(out), "--image-size", "128"]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size > 1_000_000 and "largest tensor rank in the graph: 4" in text
+    diff = float(text.split("max |export - JAX| = ")[1].split()[0])
+    assert diff < 1e-4 and "top-1 agreement with the JAX model on the check inputs: 100%" in text
+    # The file runs in LiteRT on its own, its input fixed at 1 x 128 x 128 x 3.
+    logits = export_lib.run_tflite(out.read_bytes(), np.zeros((1, 128, 128, 3), np.float32))["logits"]
+    assert logits.shape == (1, 1000)
+
+
+def test_bad_export_requests_are_one_line_errors(converted_050, tmp_path, capsys):
+    cases = [
+        (["--format", "savedmodel", "--quantize", "int8"], "applies to --format tflite"),
+        (["--format", "tflite", "--quantize", "int8"], "needs --calibration IMAGE_DIR"),
+        (["--format", "tflite", "--batch", "0"], "--batch must be at least 1"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            export_lib.main(["--checkpoint", converted_050, "--out", str(tmp_path / "x.tflite"), "--image-size", "64", *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_savedmodel_with_a_dynamic_batch_and_quantized_tflite(converted_050, tmp_path):
+    result = export_lib.export(converted_050, "savedmodel", str(tmp_path / "sm"), image_size=128, batch=None)
+    assert result["max_abs_diff"]["logits"] < 1e-4 and result["outputs"]["logits"] == [2, 1000]
+    logits = export_lib.run_savedmodel(str(tmp_path / "sm"), np.zeros((3, 128, 128, 3), np.float32))["logits"]
+    assert logits.shape == (3, 1000)
+
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (150, 200, 3), np.uint8)).save(calibration / f"{i}.jpg")
+    sizes = {}
+    for quantize in ("float16", "dynamic", "int8"):
+        out = tmp_path / f"{quantize}.tflite"
+        result = export_lib.export(converted_050, "tflite", str(out), image_size=128, quantize=quantize,
+                                   calibration=str(calibration), uint8_input=quantize == "dynamic")
+        sizes[quantize] = out.stat().st_size
+        assert result["max_rank"] <= 4 and 0.0 <= result["top1_agreement"] <= 1.0
+        assert 0 < result["max_abs_diff"]["logits"] < result["max_abs_output"]["logits"]
+    assert sizes["dynamic"] < sizes["float16"]  # int8 weights against float16 ones
+
+
+@pytest.mark.slow
+def test_segmentation_and_detection_export_with_parity_and_decoding(tmp_path):
+    tensors = load_file(str(FIXTURES / "segmentation_parity.safetensors"))
+    pspnet = {k.removeprefix("pspnet."): v for k, v in tensors.items() if k.startswith(("encoder.", "pspnet."))}
+    save_file(pspnet, str(tmp_path / "pspnet.safetensors"))
+    segmenter = convert(tmp_path / "pspnet.safetensors", tmp_path / "segmenter", image_size=128)
+    result = export_lib.export(segmenter, "tflite", str(tmp_path / "seg.tflite"))
+    assert result["outputs"]["logits"] == [1, 128, 128, 21] and result["max_abs_diff"]["logits"] < 1e-4 and result["max_rank"] <= 4
+
+    detector = convert(FIXTURES / "detection_parity.safetensors", tmp_path / "detector", image_size=128)
+    out = tmp_path / "ssd.tflite"
+    result = export_lib.export(detector, "tflite", str(out))
+    assert max(result["max_abs_diff"].values()) < 1e-4 and result["max_rank"] <= 4
+    anchors = np.load(result["anchors"])
+    np.testing.assert_array_equal(anchors, anchor_lib.ssd_anchors(128, 128))
+    images = np.random.default_rng(1).random((1, 128, 128, 3), np.float32)
+    raw = export_lib.run_tflite(out.read_bytes(), images)
+    (found,) = export_lib.decode_detections(raw["loc"], raw["cls"], anchors, score_threshold=0.02)
+    expected = jax.device_get(anchor_lib.postprocess(jnp.asarray(raw["loc"]), jnp.asarray(raw["cls"]), jnp.asarray(anchors), 0.02))
+    count = int(expected["count"][0])
+    assert count > 0 and len(found["scores"]) == count
+    np.testing.assert_allclose(found["scores"], expected["scores"][0, :count], rtol=1e-5)
+    np.testing.assert_array_equal(found["classes"], expected["classes"][0, :count])
+    np.testing.assert_allclose(found["boxes"], expected["boxes"][0, :count], atol=1e-5)
