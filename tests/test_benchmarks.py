@@ -90,3 +90,17 @@ def test_ratio_rows_pair_each_width_and_mode_with_timm():
     ]
     (ratio,) = model.ratio_rows(rows)
     assert (ratio["alpha"], ratio["mode"], ratio["ours_over_timm"], ratio["load"]) == (1.0, "infer", 1.5, 1.5)
+
+
+@pytest.mark.slow
+def test_litert_tiny(tmp_path):
+    from mvit2_jax.benchmarks import litert
+
+    out = str(tmp_path)
+    litert.main(["--tiny", "--out", out])
+    rows = _check_outputs(out, "litert", 4)  # 2 attention units x (float32, int8)
+    assert {(r["model"], r["quantize"]) for r in rows} == {
+        (f"MobileViTv2-0.5 {a}", q) for a in ("separable", "mha") for q in ("none", "int8")}
+    assert all(float(r["p10_ms"]) <= float(r["latency_ms"]) <= float(r["p90_ms"]) for r in rows)
+    sizes = {(r["model"], r["quantize"]): float(r["file_MB"]) for r in rows}
+    assert sizes[("MobileViTv2-0.5 separable", "int8")] < sizes[("MobileViTv2-0.5 separable", "none")] / 2
