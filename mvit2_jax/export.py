@@ -27,10 +27,12 @@ export further than 1e-4 from it is an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging as std_logging
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -66,8 +68,26 @@ def inference_function(model, variables, task: str, uint8_input: bool = False) -
     return run
 
 
+@contextlib.contextmanager
+def _log_levels_kept() -> Iterator[None]:
+    """TensorFlow's SavedModel writer and the TFLite converter set the root and absl loggers
+    to WARNING; put back the levels the program had (its INFO logs, the tests' captures)."""
+    names = ("", "absl")
+    levels = {name: std_logging.getLogger(name).level for name in names}
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            std_logging.getLogger(name).setLevel(level)
+
+
 def to_savedmodel(fn: Callable, input_shape: Tuple[Optional[int], int, int, int], input_dtype: str, out: str) -> str:
     """A TensorFlow SavedModel at `out` whose "serving_default" signature runs `fn`."""
+    with _log_levels_kept():
+        return _to_savedmodel(fn, input_shape, input_dtype, out)
+
+
+def _to_savedmodel(fn: Callable, input_shape: Tuple[Optional[int], int, int, int], input_dtype: str, out: str) -> str:
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -102,7 +122,8 @@ def to_tflite(saved_model: str, quantize: str = "none", calibration: Optional[np
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
-        return converter.convert()
+        with _log_levels_kept():
+            return converter.convert()
     except Exception as e:  # the converter's errors carry MLIR locations over many lines
         raise RuntimeError(f"the TFLite converter failed: {str(e).strip().splitlines()[0]}") from e
 

@@ -19,8 +19,12 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def test_a_classifier_exports_to_tflite_with_float32_parity(converted_050, tmp_path, capsys):
+    import logging
+
     out = tmp_path / "classifier.tflite"
+    absl_level = logging.getLogger("absl").level
     assert export_lib.main(["--checkpoint", converted_050, "--format", "tflite", "--out", str(out), "--image-size", "128"]) == 0
+    assert logging.getLogger("absl").level == absl_level  # TensorFlow's writer set it to WARNING: undone
     text = capsys.readouterr().out
     assert out.stat().st_size > 1_000_000 and "largest tensor rank in the graph: 4" in text
     diff = float(text.split("max |export - JAX| = ")[1].split()[0])
