@@ -429,7 +429,6 @@ def path_to_timm_key(path: Path) -> str:
     collection, *modules, leaf = path
     if modules[-2:-1] == ["mha"]:
         modules = modules[:-2] + ["qkv" if modules[-1] in ("query", "key", "value") else "proj"]
-        leaf = "kernel" if leaf == "kernel" else leaf
     name = ".".join(modules)
     for pattern, repl in _FLAX_TO_TIMM:
         name = pattern.sub(repl, name)

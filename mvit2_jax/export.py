@@ -209,7 +209,8 @@ def export(
     n = batch or 2
     samples = [rng.integers(0, 256, (n, size, size, 3)).astype(np.uint8) if uint8_input else rng.random((n, size, size, 3), np.float32)
                for _ in range(max(check_inputs, 1))]
-    expected = [jax.device_get(jax.jit(fn)(x)) for x in samples]
+    forward = jax.jit(fn)
+    expected = [jax.device_get(forward(x)) for x in samples]
 
     result: Dict[str, Any] = {"task": task, "format": fmt, "image_size": size, "batch": batch, "quantize": quantize, "input_dtype": dtype}
     with tempfile.TemporaryDirectory() as scratch:
