@@ -8,9 +8,10 @@ steps. The training tests all use `experiments/quickstart.py:smoke` (one config,
 compiled train step) with small overrides, and the reliability tests share one reference
 run (`reference_run`) that each of them reproduces after an interruption.
 
-Tiers: `python -m pytest -m "not slow" tests` is the fast tier for development; tests
-marked slow (whole training runs, subprocesses, the notebook) run in the full suite. Both
-run on two pytest-xdist workers (setup.cfg); the reference run's tests share a worker.
+Tiers: `python -m pytest -m "not slow" tests` is the fast tier for development (compiled at
+XLA's lowest CPU optimization level, see pytest_configure); tests marked slow (whole training
+runs, subprocesses, the notebook) run in the full suite. Both run on two pytest-xdist workers
+(setup.cfg); the reference run's tests share a worker.
 """
 
 import os
@@ -130,6 +131,12 @@ def reference_config():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: whole training runs, subprocesses and the notebook (not in the fast tier)")
+    if config.getoption("markexpr", "") == "not slow" and "optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        # The fast tier compiles at XLA's lowest CPU backend optimization level (before any
+        # backend starts): the same results, compiles about 35% faster (measured: the tier
+        # 234 s -> 177 s cold), steps slower, the right trade for tests of a call or two. The
+        # full suite compiles as users' runs do.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     if not hasattr(config, "workerinput"):  # the controller: prepare the digits once, before any worker
         from mvit2_jax.data import check_split, digit_boxes, digit_scenes, digits
 

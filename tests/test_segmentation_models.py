@@ -257,16 +257,13 @@ def test_mismatches_are_listed_with_official_names():
         convert_state_dict(no_head)
 
 
-def test_cli_records_flags_and_refuses_bad_ones(tmp_path, subprocess_env):
-    import subprocess
-    import sys
+def test_cli_records_flags_and_refuses_bad_ones(tmp_path, capsys):
+    from mvit2_jax.convert import main
 
     src = tmp_path / "psp.safetensors"
     save_file(official_state_dict("pspnet"), str(src))
-    proc = subprocess.run([sys.executable, "-m", "mvit2_jax.convert", str(src), str(tmp_path / "out"), "--output-stride", "8"],
-                          env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert main([str(src), str(tmp_path / "out"), "--output-stride", "8"]) == 0
     assert read_config(str(tmp_path / "out"))[0]["model"]["output_stride"] == 8
-    proc = subprocess.run([sys.executable, "-m", "mvit2_jax.convert", str(src), str(tmp_path / "out2"), "--output-stride", "4"],
-                          env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 2 and "invalid choice: 4" in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(src), str(tmp_path / "out2"), "--output-stride", "4"])
+    assert exit_info.value.code == 2 and "invalid choice: 4" in capsys.readouterr().err
