@@ -1,6 +1,6 @@
-"""Export a model to TensorFlow SavedModel or TFLite / LiteRT, checked in the target runtime.
+"""Export a model to TensorFlow SavedModel, TFLite / LiteRT or ONNX, checked in the target runtime.
 
-    python -m mvit2_jax.export --checkpoint DIR_OR_HUB_NAME --format tflite --out model.tflite
+    python -m mvit2_jax.export --checkpoint DIR_OR_HUB_NAME --format tflite|onnx|savedmodel --out PATH
         [--image-size N] [--batch N | --dynamic-batch] [--quantize none|float16|dynamic|int8]
         [--calibration IMAGE_DIR] [--uint8-input] [--raw]
 
@@ -14,12 +14,16 @@ the resize and crop stay outside, as in `mvit2_jax.predict`).
 
 The model runs on its portable path (`kernels="portable"`: library ops only), where the
 MobileViT blocks' unfold and fold, the one-group GroupNorm and the attention heads keep every
-tensor at rank 4 or below, the same values as the default path. The graph is made by jax2tf
-(one StableHLO module in a SavedModel) and the TFLite converter turns it into builtin LiteRT
-ops. Quantization (TFLite only): "float16" weights, "dynamic" (int8 weights, float compute),
+tensor at rank 4 or below, the same values as the default path. SavedModel and TFLite: the
+graph is made by jax2tf (one StableHLO module in a SavedModel) and the TFLite converter turns
+it into builtin LiteRT ops. ONNX: jax2onnx converts the jaxpr to ONNX operators (opset 23;
+input "images", outputs named as above). Quantization (TFLite and ONNX): "float16" weights
+(ONNX: float16 compute inside, float32 inputs and outputs), "dynamic" (int8 weights,
+activations quantized at run time; ONNX Runtime's integer convolutions are slow on x86),
 "int8" (int8 weights and activations, calibrated on `--calibration` images with the task's
-eval preprocessing; inputs and outputs stay float). After writing, the command runs the
-export in its runtime (TensorFlow for a SavedModel, ai-edge-litert's interpreter for TFLite)
+eval preprocessing; inputs and outputs stay float; ONNX: QDQ format, per-channel weights, by
+onnxruntime.quantization). After writing, the command runs the export in its runtime
+(TensorFlow for a SavedModel, ai-edge-litert's interpreter for TFLite, onnxruntime for ONNX)
 on a few random inputs and prints the largest difference from the JAX model; a float32
 export further than 1e-4 from it is an error.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging as std_logging
 import os
 import sys
@@ -38,9 +43,10 @@ import numpy as np
 
 from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
 
-FORMATS = ("savedmodel", "tflite")
+FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 FLOAT32_TOLERANCE = 1e-4
+ONNX_OPSET = 23
 
 
 def load_exportable(checkpoint: str, ema: bool = True):
@@ -152,6 +158,113 @@ def tflite_max_rank(model: bytes) -> int:
     return max(len(t["shape"]) for t in Interpreter(model_content=model).get_tensor_details())
 
 
+def to_onnx(fn: Callable, input_shape: Tuple[Optional[int], int, int, int], input_dtype: str) -> Any:
+    """The ONNX model (onnx.ModelProto) of `fn` by jax2onnx: input "images" (batch None: a
+    symbolic "batch" dimension), one output per key of `fn`'s result dict."""
+    import jax
+    from jax2onnx import to_onnx as jax_to_onnx
+
+    batch = "batch" if input_shape[0] is None else input_shape[0]
+    shape = jax.export.symbolic_shape(", ".join(str(d) for d in (batch, *input_shape[1:])))
+    abstract = jax.ShapeDtypeStruct(shape, np.dtype(input_dtype))
+    names = sorted(jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *input_shape[1:]), np.dtype(input_dtype))))  # jax's dict order
+    # jax2onnx prints a line per convolution, and logs a traceback for each of its optional
+    # plugins that does not import with this jax (dm_pix and jax.numpy wrappers, unused here:
+    # the lax-level ones convert these models).
+    plugins = std_logging.getLogger("jax2onnx.plugins.plugin_system")
+    level = plugins.level
+    plugins.setLevel(std_logging.ERROR)
+    try:
+        with _log_levels_kept(), contextlib.redirect_stdout(io.StringIO()):
+            model = jax_to_onnx(fn, [abstract], model_name="mvit2_jax", opset=ONNX_OPSET)
+    finally:
+        plugins.setLevel(level)
+    graph = model.graph
+    (old_input,) = [i.name for i in graph.input]
+    graph.input[0].name = "images"
+    for node in graph.node:
+        node.input[:] = ["images" if name == old_input else name for name in node.input]
+    # Named outputs: an Identity per output (jax2onnx numbers its tensors).
+    import onnx
+
+    for value, name in zip(list(graph.output), names):
+        graph.node.append(onnx.helper.make_node("Identity", [value.name], [name]))
+        value.name = name
+    # jax2onnx annotates some intermediate tensors with their NHWC shapes where its graph holds
+    # NCHW ones (ONNX Runtime warns, then ignores them): keep only the inputs' and outputs'.
+    del graph.value_info[:]
+    return model
+
+
+def quantize_onnx(model: Any, quantize: str, calibration: Optional[np.ndarray] = None) -> Any:
+    """`model` (onnx.ModelProto) with float16 weights and compute, or int8 by onnxruntime.quantization."""
+    import onnx
+
+    if quantize == "none":
+        return model
+    if quantize == "float16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        return convert_float_to_float16(model, keep_io_types=True)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as scratch, _log_levels_kept():
+        src, pre, dst = (os.path.join(scratch, f"{name}.onnx") for name in ("src", "pre", "dst"))
+        onnx.save(model, src)
+        quant_pre_process(src, pre)  # shape inference and graph optimization, as onnxruntime recommends
+        if quantize == "dynamic":
+            quantize_dynamic(pre, dst, weight_type=QuantType.QInt8)
+        else:
+            if calibration is None or not len(calibration):
+                raise ConfigError("--quantize int8 needs --calibration IMAGE_DIR (images to calibrate the activations on)")
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self.batches = iter([{"images": image[None]} for image in calibration])
+
+                def get_next(self):
+                    return next(self.batches, None)
+
+            quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return onnx.load(dst)
+
+
+def onnx_session(model: Any, threads: Optional[int] = None) -> Any:
+    """An onnxruntime CPU session of a model (bytes, path or onnx.ModelProto), all graph
+    optimizations on, `threads` intra-op threads (None: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model: Any, inputs: np.ndarray, threads: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Outputs of an ONNX model on `inputs` (its "images"), with onnxruntime on the CPU."""
+    session = onnx_session(model, threads)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"images": inputs})))
+
+
+def onnx_max_rank(model: Any) -> int:
+    """The largest rank of any tensor in an ONNX model (after ONNX shape inference)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    values = list(graph.input) + list(graph.value_info) + list(graph.output)
+    ranks = [len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")]
+    ranks += [len(t.dims) for t in graph.initializer]
+    return max(ranks)
+
+
 def calibration_images(task: str, meta: Dict[str, Any], folder: str, size: int, count: int = 64) -> np.ndarray:
     """Up to `count` images of `folder`, through the task's eval preprocessing (as predict)."""
     from mvit2_jax import predict
@@ -192,8 +305,8 @@ def export(
         raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
-    if quantize != "none" and fmt != "tflite":
-        raise ConfigError(f"--quantize {quantize} applies to --format tflite (a SavedModel keeps float32 weights)")
+    if quantize != "none" and fmt == "savedmodel":
+        raise ConfigError(f"--quantize {quantize} applies to --format tflite or onnx (a SavedModel keeps float32 weights)")
     if quantize == "int8" and not calibration:
         raise ConfigError("--quantize int8 needs --calibration IMAGE_DIR (images to calibrate the activations on)")
     if os.path.exists(out) and (os.path.isfile(out) or os.listdir(out)):
@@ -213,20 +326,20 @@ def export(
     expected = [jax.device_get(forward(x)) for x in samples]
 
     result: Dict[str, Any] = {"task": task, "format": fmt, "image_size": size, "batch": batch, "quantize": quantize, "input_dtype": dtype}
-    with tempfile.TemporaryDirectory() as scratch:
-        saved = to_savedmodel(fn, (batch, size, size, 3), dtype, out if fmt == "savedmodel" else os.path.join(scratch, "savedmodel"))
-        if fmt == "tflite":
-            images = calibration_images(task, meta, calibration, size) if calibration else None
-            if images is not None and uint8_input:
-                images = np.round(images * 255.0).astype(np.uint8)
-            flatbuffer = to_tflite(saved, quantize, images)
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out, "wb") as f:
-                f.write(flatbuffer)
-            result["max_rank"] = tflite_max_rank(flatbuffer)
-            got = [run_tflite(flatbuffer, x) for x in samples]
-        else:
-            got = [run_savedmodel(out, x) for x in samples]
+    images = calibration_images(task, meta, calibration, size) if calibration else None
+    if images is not None and uint8_input:
+        images = np.round(images * 255.0).astype(np.uint8)
+    if fmt == "onnx":
+        onnx_model = quantize_onnx(to_onnx(fn, (batch, size, size, 3), dtype), quantize, images)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "wb") as f:
+            f.write(onnx_model.SerializeToString())
+        result["max_rank"] = onnx_max_rank(onnx_model)
+        session = onnx_session(out)
+        names = [o.name for o in session.get_outputs()]
+        got = [dict(zip(names, session.run(names, {"images": x}))) for x in samples]
+    else:
+        got = _export_tf(fn, fmt, out, batch, size, dtype, quantize, images, samples, result)
     if task == "detection":
         from mvit2_jax.models import anchors as anchor_lib
 
@@ -243,6 +356,20 @@ def export(
     if quantize == "none" and max(diffs.values()) > FLOAT32_TOLERANCE:
         raise RuntimeError(f"the float32 export differs from the JAX model by {max(diffs.values()):.3g} (> {FLOAT32_TOLERANCE}): {diffs}")
     return result
+
+
+def _export_tf(fn, fmt, out, batch, size, dtype, quantize, images, samples, result) -> List[Dict[str, np.ndarray]]:
+    """Write a SavedModel or TFLite export; the runtime's outputs on `samples`."""
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = to_savedmodel(fn, (batch, size, size, 3), dtype, out if fmt == "savedmodel" else os.path.join(scratch, "savedmodel"))
+        if fmt == "tflite":
+            flatbuffer = to_tflite(saved, quantize, images)
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "wb") as f:
+                f.write(flatbuffer)
+            result["max_rank"] = tflite_max_rank(flatbuffer)
+            return [run_tflite(flatbuffer, x) for x in samples]
+        return [run_savedmodel(out, x) for x in samples]
 
 
 def decode_detections(loc: np.ndarray, cls_logits: np.ndarray, anchors: np.ndarray, score_threshold: float = 0.01,
@@ -291,11 +418,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mvit2_jax.export", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="model directory, training workdir or hub name (hf-hub:...)")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="output file (tflite) or new directory (savedmodel)")
+    parser.add_argument("--out", required=True, help="output file (tflite, onnx) or new directory (savedmodel)")
     parser.add_argument("--image-size", type=int, default=None, help="input side (default: the recorded image size)")
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
     parser.add_argument("--dynamic-batch", action="store_true", help="a batch dimension of any size")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="tflite weights / activations")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="tflite / onnx weights and activations")
     parser.add_argument("--calibration", default=None, help="int8: a folder of images to calibrate on")
     parser.add_argument("--uint8-input", action="store_true", help="the graph takes uint8 pixels and scales them by 1/255")
     parser.add_argument("--raw", action="store_true", help="training workdirs: the raw weights, not EMA")

@@ -1,6 +1,6 @@
-"""mvit2_jax.export: SavedModel and TFLite exports of every task, checked in their runtimes
-(TensorFlow, ai-edge-litert), every tensor at rank 4 or below, and the NumPy decoding of an
-exported SSD's outputs against the model's own post-processing."""
+"""mvit2_jax.export: SavedModel, TFLite and ONNX exports of every task, checked in their
+runtimes (TensorFlow, ai-edge-litert, onnxruntime), every tensor at rank 4 or below, and the
+NumPy decoding of an exported SSD's outputs against the model's own post-processing."""
 
 from pathlib import Path
 
@@ -34,9 +34,26 @@ def test_a_classifier_exports_to_tflite_with_float32_parity(converted_050, tmp_p
     assert logits.shape == (1, 1000)
 
 
+def test_a_classifier_exports_to_onnx_with_a_dynamic_batch_of_uint8_images(converted_050, tmp_path, capsys):
+    out = tmp_path / "classifier.onnx"
+    assert export_lib.main(["--checkpoint", converted_050, "--format", "onnx", "--out", str(out), "--image-size", "64",
+                            "--dynamic-batch", "--uint8-input"]) == 0
+    text = capsys.readouterr().out
+    assert "64x64 uint8 input, batch dynamic" in text and "largest tensor rank in the graph: 4" in text
+    assert float(text.split("max |export - JAX| = ")[1].split()[0]) < 1e-4
+    # The file on its own in onnxruntime: named input and output, any batch, the model's logits.
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
+    logits = export_lib.run_onnx(str(out), pixels)["logits"]
+    model, variables, _ = export_lib.load_exportable(converted_050)
+    expected = jax.jit(lambda x: model.apply(variables, x / 255.0))(jnp.asarray(pixels, jnp.float32))
+    assert logits.shape == (3, 1000)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
 def test_bad_export_requests_are_one_line_errors(converted_050, tmp_path, capsys):
     cases = [
-        (["--format", "savedmodel", "--quantize", "int8"], "applies to --format tflite"),
+        (["--format", "savedmodel", "--quantize", "int8"], "applies to --format tflite or onnx"),
+        (["--format", "onnx", "--quantize", "int8"], "needs --calibration IMAGE_DIR"),
         (["--format", "tflite", "--quantize", "int8"], "needs --calibration IMAGE_DIR"),
         (["--format", "tflite", "--batch", "0"], "--batch must be at least 1"),
     ]
@@ -69,6 +86,17 @@ def test_savedmodel_with_a_dynamic_batch_and_quantized_tflite(converted_050, tmp
         assert 0 < result["max_abs_diff"]["logits"] < result["max_abs_output"]["logits"]
     assert sizes["dynamic"] < sizes["float16"]  # int8 weights against float16 ones
 
+    onnx_sizes = {}
+    for quantize in ("float16", "dynamic", "int8"):
+        out = tmp_path / f"{quantize}.onnx"
+        result = export_lib.export(converted_050, "onnx", str(out), image_size=64, batch=None, quantize=quantize,
+                                   calibration=str(calibration), uint8_input=quantize == "int8")
+        onnx_sizes[quantize] = out.stat().st_size
+        assert result["max_rank"] <= 4 and result["outputs"]["logits"] == [2, 1000]
+        assert 0 < result["max_abs_diff"]["logits"] < result["max_abs_output"]["logits"]
+    assert onnx_sizes["dynamic"] < onnx_sizes["float16"] < (tmp_path / "float16.tflite").stat().st_size * 1.5
+    assert onnx_sizes["int8"] < onnx_sizes["float16"]
+
 
 @pytest.mark.slow
 def test_segmentation_and_detection_export_with_parity_and_decoding(tmp_path):
@@ -76,8 +104,9 @@ def test_segmentation_and_detection_export_with_parity_and_decoding(tmp_path):
     pspnet = {k.removeprefix("pspnet."): v for k, v in tensors.items() if k.startswith(("encoder.", "pspnet."))}
     save_file(pspnet, str(tmp_path / "pspnet.safetensors"))
     segmenter = convert(tmp_path / "pspnet.safetensors", tmp_path / "segmenter", image_size=128)
-    result = export_lib.export(segmenter, "tflite", str(tmp_path / "seg.tflite"))
-    assert result["outputs"]["logits"] == [1, 128, 128, 21] and result["max_abs_diff"]["logits"] < 1e-4 and result["max_rank"] <= 4
+    for fmt in ("tflite", "onnx"):
+        result = export_lib.export(segmenter, fmt, str(tmp_path / f"seg.{fmt}"))
+        assert result["outputs"]["logits"] == [1, 128, 128, 21] and result["max_abs_diff"]["logits"] < 1e-4 and result["max_rank"] <= 4
 
     detector = convert(FIXTURES / "detection_parity.safetensors", tmp_path / "detector", image_size=128)
     out = tmp_path / "ssd.tflite"
@@ -94,3 +123,10 @@ def test_segmentation_and_detection_export_with_parity_and_decoding(tmp_path):
     np.testing.assert_allclose(found["scores"], expected["scores"][0, :count], rtol=1e-5)
     np.testing.assert_array_equal(found["classes"], expected["classes"][0, :count])
     np.testing.assert_allclose(found["boxes"], expected["boxes"][0, :count], atol=1e-5)
+
+    result = export_lib.export(detector, "onnx", str(tmp_path / "ssd.onnx"))
+    assert max(result["max_abs_diff"].values()) < 1e-4 and result["max_rank"] <= 4
+    assert result["outputs"] == {"cls": [1, len(anchors), 81], "loc": [1, len(anchors), 4]}
+    raw_onnx = export_lib.run_onnx(str(tmp_path / "ssd.onnx"), images)
+    for name in ("loc", "cls"):
+        np.testing.assert_allclose(raw_onnx[name], raw[name], atol=1e-4)

@@ -97,3 +97,20 @@ def test_notebook_detects_with_converted_weights_and_fine_tunes(executed):
         assert (workdir / "boxes" / name).stat().st_size > 100
     assert json.loads((workdir / "boxes" / "example_detections.json").read_text())  # threshold 0: the 200 best
     assert read_config(str(workdir / "detect_digit_boxes"))[0]["config"]["init_from"] == str(workdir / "mobilevitv2_050_in1k")
+
+
+@pytest.mark.slow
+def test_notebook_exports_the_fine_tuned_classifier_to_litert_and_onnx(executed):
+    """The export part: the fine-tuned classifier to TFLite and ONNX with uint8 input, both
+    within 1e-4 of JAX, and the files on their own classify the digits as the JAX model does."""
+    nb, workdir = executed
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for fmt in ("tflite", "onnx"):
+        line = next(line for line in text.splitlines() if line.startswith(f"{fmt}: "))
+        assert float(line.split("max |export - JAX| = ")[1].split(",")[0]) < 1e-4 and line.endswith("largest tensor rank 4")
+        assert (workdir / "exports" / f"digits.{fmt}").stat().st_size > 1_000_000
+    rows = [line for line in text.splitlines() if "; JAX " in line]
+    assert len(rows) == 4
+    for row in rows:
+        jax_class, litert, onnxrt = (row.split(f"{name} ")[1].split(",")[0] for name in ("; JAX", "LiteRT", "ONNX Runtime"))
+        assert jax_class == litert == onnxrt, row
