@@ -93,14 +93,29 @@ def test_ratio_rows_pair_each_width_and_mode_with_timm():
 
 
 @pytest.mark.slow
-def test_litert_tiny(tmp_path):
-    from mvit2_jax.benchmarks import litert
+def test_mobile_tiny(tmp_path):
+    from mvit2_jax.benchmarks import mobile
 
     out = str(tmp_path)
-    litert.main(["--tiny", "--out", out])
-    rows = _check_outputs(out, "litert", 4)  # 2 attention units x (float32, int8)
-    assert {(r["model"], r["quantize"]) for r in rows} == {
-        (f"MobileViTv2-0.5 {a}", q) for a in ("separable", "mha") for q in ("none", "int8")}
+    mobile.main(["--tiny", "--out", out])
+    rows = _check_outputs(out, "mobile", 8)  # 2 attention units x (float32, int8) x (LiteRT, ONNX Runtime)
+    assert {(r["model"], r["quantize"], r["runtime"]) for r in rows} == {
+        (f"MobileViTv2-0.5 {a}", q, rt) for a in ("separable", "mha") for q in ("none", "int8") for rt in ("litert", "onnxruntime")}
     assert all(float(r["p10_ms"]) <= float(r["latency_ms"]) <= float(r["p90_ms"]) for r in rows)
-    sizes = {(r["model"], r["quantize"]): float(r["file_MB"]) for r in rows}
-    assert sizes[("MobileViTv2-0.5 separable", "int8")] < sizes[("MobileViTv2-0.5 separable", "none")] / 2
+    sizes = {(r["model"], r["quantize"], r["runtime"]): float(r["file_MB"]) for r in rows}
+    for runtime in ("litert", "onnxruntime"):
+        assert sizes[("MobileViTv2-0.5 separable", "int8", runtime)] < sizes[("MobileViTv2-0.5 separable", "none", runtime)] / 2
+
+
+def test_mobile_ratios_pair_timm_with_our_onnx_export():
+    from mvit2_jax.benchmarks import mobile
+
+    base = {"model": "MobileViTv2-0.5 separable", "size": 256, "quantize": "none", "threads": 1}
+    rows = [{**base, "impl": "ours", "runtime": "litert", "latency_ms": 5.0}, {**base, "impl": "ours", "runtime": "onnxruntime", "latency_ms": 10.0},
+            {**base, "impl": "timm", "runtime": "onnxruntime", "latency_ms": 12.0}, {**base, "threads": 2, "impl": "ours", "runtime": "onnxruntime", "latency_ms": 6.0},
+            {**base, "threads": 2, "impl": "timm", "runtime": "onnxruntime", "latency_ms": 5.4}]
+    ratios = mobile.ratio_rows(rows)
+    assert [(r["threads"], r["ours_ms"], r["timm_ms"], round(r["timm_over_ours"], 6)) for r in ratios] == [(1, 10.0, 12.0, 1.2), (2, 6.0, 5.4, 0.9)]
+    assert mobile.timm_name({"family": "v1", "variant": "xs"}) == "mobilevit_xs"
+    assert mobile.timm_name({"family": "v2", "alpha": 1.25, "attention": "separable"}) == "mobilevitv2_125"
+    assert mobile.timm_name({"family": "v2", "alpha": 1.0, "attention": "mha"}) is None
