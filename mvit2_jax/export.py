@@ -2,7 +2,7 @@
 
     python -m mvit2_jax.export --checkpoint DIR_OR_HUB_NAME --format tflite|onnx|savedmodel --out PATH
         [--image-size N] [--batch N | --dynamic-batch] [--quantize none|float16|dynamic|int8]
-        [--calibration IMAGE_DIR] [--uint8-input] [--raw]
+        [--calibration IMAGE_DIR] [--uint8-input] [--raw] [--evaluate]
 
 Every task exports: a classifier gives "logits" [B, classes], a segmentation model "logits"
 [B, H, W, classes] at the input size, an SSD its raw "loc" [B, A, 4] and "cls" [B, A,
@@ -21,11 +21,14 @@ input "images", outputs named as above). Quantization (TFLite and ONNX): "float1
 (ONNX: float16 compute inside, float32 inputs and outputs), "dynamic" (int8 weights,
 activations quantized at run time; ONNX Runtime's integer convolutions are slow on x86),
 "int8" (int8 weights and activations, calibrated on `--calibration` images with the task's
-eval preprocessing; inputs and outputs stay float; ONNX: QDQ format, per-channel weights, by
+eval preprocessing: a folder, or a split of a training workdir's dataset such as
+"train[:64]"; inputs and outputs stay float; ONNX: QDQ format, per-channel weights, by
 onnxruntime.quantization). After writing, the command runs the export in its runtime
 (TensorFlow for a SavedModel, ai-edge-litert's interpreter for TFLite, onnxruntime for ONNX)
 on a few random inputs and prints the largest difference from the JAX model; a float32
-export further than 1e-4 from it is an error.
+export further than 1e-4 from it is an error. `--evaluate` (a training workdir) runs the
+export over the run's eval split with the task's own metric (top-1, mIoU or COCO mAP) and
+prints it beside the JAX model's: what quantization costs, measured.
 """
 
 from __future__ import annotations
@@ -140,7 +143,11 @@ def run_tflite(model: bytes, inputs: np.ndarray, threads: Optional[int] = None) 
 
     interpreter = Interpreter(model_content=model, num_threads=threads)
     runner = interpreter.get_signature_runner()
-    (name,) = runner.get_input_details()
+    ((name, detail),) = runner.get_input_details().items()
+    fixed = int(detail["shape_signature"][0])
+    if fixed != -1 and len(inputs) != fixed:
+        raise ValueError(f"this TFLite file takes batches of {fixed} (exported with --batch {fixed}), got {len(inputs)} images: "
+                         "run them in batches of that size, or export with --dynamic-batch")
     return {k: np.asarray(v) for k, v in runner(**{name: inputs}).items()}
 
 
@@ -168,17 +175,19 @@ def to_onnx(fn: Callable, input_shape: Tuple[Optional[int], int, int, int], inpu
     shape = jax.export.symbolic_shape(", ".join(str(d) for d in (batch, *input_shape[1:])))
     abstract = jax.ShapeDtypeStruct(shape, np.dtype(input_dtype))
     names = sorted(jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *input_shape[1:]), np.dtype(input_dtype))))  # jax's dict order
-    # jax2onnx prints a line per convolution, and logs a traceback for each of its optional
-    # plugins that does not import with this jax (dm_pix and jax.numpy wrappers, unused here:
-    # the lax-level ones convert these models).
-    plugins = std_logging.getLogger("jax2onnx.plugins.plugin_system")
-    level = plugins.level
-    plugins.setLevel(std_logging.ERROR)
+    # jax2onnx prints a line per convolution, logs its progress at INFO, and logs a traceback
+    # for each of its optional plugins that does not import with this jax (dm_pix and
+    # jax.numpy wrappers, unused here: the lax-level ones convert these models).
+    quiet = {"jax2onnx": std_logging.WARNING, "jax2onnx.plugins.plugin_system": std_logging.ERROR}
+    levels = {name: std_logging.getLogger(name).level for name in quiet}
     try:
+        for name, level in quiet.items():
+            std_logging.getLogger(name).setLevel(level)
         with _log_levels_kept(), contextlib.redirect_stdout(io.StringIO()):
             model = jax_to_onnx(fn, [abstract], model_name="mvit2_jax", opset=ONNX_OPSET)
     finally:
-        plugins.setLevel(level)
+        for name, level in levels.items():
+            std_logging.getLogger(name).setLevel(level)
     graph = model.graph
     (old_input,) = [i.name for i in graph.input]
     graph.input[0].name = "images"
@@ -265,13 +274,19 @@ def onnx_max_rank(model: Any) -> int:
     return max(ranks)
 
 
-def calibration_images(task: str, meta: Dict[str, Any], folder: str, size: int, count: int = 64) -> np.ndarray:
-    """Up to `count` images of `folder`, through the task's eval preprocessing (as predict)."""
+def calibration_images(task: str, meta: Dict[str, Any], source: str, size: int, count: int = 64) -> np.ndarray:
+    """Up to `count` images to calibrate on, through the task's eval preprocessing: the images
+    of a folder (as predict reads them), or, for a training workdir, a split of its dataset."""
     from mvit2_jax import predict
 
-    if not os.path.isdir(folder):
-        raise DataError(f"--calibration must be a folder of images, got {folder}")
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith("."))[:count]
+    if not os.path.isdir(source):
+        if "config" not in meta:
+            raise DataError(f"--calibration must be a folder of images (or, for a training workdir, a split of its dataset), got {source}")
+        if size != meta["image_size"][0]:
+            raise ConfigError(f"--calibration {source} (a split of the run's dataset) comes at the run's image size "
+                              f"{meta['image_size'][0]}: drop --image-size or calibrate on a folder")
+        return split_images(meta, source, count)
+    paths = sorted(os.path.join(source, f) for f in os.listdir(source) if not f.startswith("."))[:count]
     if task == "classification":
         images, _, _ = predict.load_images(paths, size, meta.get("eval_resize_size"))
     else:
@@ -280,8 +295,26 @@ def calibration_images(task: str, meta: Dict[str, Any], folder: str, size: int, 
         eval_image = (seg_data if task == "segmentation" else det_data).eval_image
         images = [image for _, _, image in predict._each_image(paths, lambda data: eval_image(data, size), [])]
     if not len(images):
-        raise DataError(f"no readable image in {folder} to calibrate on")
+        raise DataError(f"no readable image in {source} to calibrate on")
     return np.asarray(images, np.float32)
+
+
+def split_images(meta: Dict[str, Any], split: str, count: int) -> np.ndarray:
+    """The first `count` images of `split` of a training run's dataset (its config record),
+    through the run's eval preprocessing: float [N, S, S, 3] in [0, 1]."""
+    import ml_collections
+
+    from mvit2_jax import tasks
+
+    config = ml_collections.ConfigDict(meta["config"])
+    task = tasks.get(meta["task"])
+    task.check_data(config, splits=[split])
+    images: List[np.ndarray] = []
+    for batch in task.eval_input(config, split):
+        images += list(np.asarray(task.inputs(batch))[np.asarray(batch["mask"]) > 0])
+        if len(images) >= count:
+            break
+    return np.asarray(images[:count], np.float32)
 
 
 def export(
@@ -291,14 +324,17 @@ def export(
     image_size: Optional[int] = None,
     batch: Optional[int] = 1,
     quantize: str = "none",
-    calibration: Optional[str] = None,
+    calibration: Optional[Any] = None,
     uint8_input: bool = False,
     ema: bool = True,
     check_inputs: int = 2,
+    evaluate: bool = False,
 ) -> Dict[str, Any]:
     """Export `checkpoint` to `out`; returns {"path", "outputs", "max_abs_diff", "max_rank", ...}.
 
-    `batch` None exports a dynamic batch dimension."""
+    `batch` None exports a dynamic batch dimension. `calibration`: a folder of images, or
+    images already preprocessed (float [N, S, S, 3] in [0, 1]). `evaluate` (a training workdir) adds
+    "eval": the export's metric on the run's eval split beside the JAX model's (evaluate_export)."""
     import jax
 
     if fmt not in FORMATS:
@@ -307,15 +343,22 @@ def export(
         raise ConfigError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     if quantize != "none" and fmt == "savedmodel":
         raise ConfigError(f"--quantize {quantize} applies to --format tflite or onnx (a SavedModel keeps float32 weights)")
-    if quantize == "int8" and not calibration:
+    if quantize == "int8" and calibration is None:
         raise ConfigError("--quantize int8 needs --calibration IMAGE_DIR (images to calibrate the activations on)")
     if os.path.exists(out) and (os.path.isfile(out) or os.listdir(out)):
         raise ConfigError(f"{out} exists: choose a new output path")
     model, variables, meta = load_exportable(checkpoint, ema)
+    if evaluate and "config" not in meta:
+        raise ConfigError(f"--evaluate needs a training workdir (its config names the dataset); {checkpoint} records none")
+    if evaluate and image_size and image_size != meta["image_size"][0]:
+        raise ConfigError(f"--evaluate runs the run's eval pipeline at its image size {meta['image_size'][0]}: drop --image-size")
     task = meta["task"]
     size = int(image_size or meta.get("image_size", (256, 256))[0])
     if task == "detection" and size % 32:
         raise ConfigError(f"an SSD's input side must be divisible by 32, got {size}")
+    images = calibration_images(task, meta, calibration, size) if isinstance(calibration, str) else calibration
+    if images is not None and uint8_input:
+        images = np.round(images * 255.0).astype(np.uint8)
     fn = inference_function(model, variables, task, uint8_input)
     dtype = "uint8" if uint8_input else "float32"
     rng = np.random.default_rng(0)
@@ -326,9 +369,6 @@ def export(
     expected = [jax.device_get(forward(x)) for x in samples]
 
     result: Dict[str, Any] = {"task": task, "format": fmt, "image_size": size, "batch": batch, "quantize": quantize, "input_dtype": dtype}
-    images = calibration_images(task, meta, calibration, size) if calibration else None
-    if images is not None and uint8_input:
-        images = np.round(images * 255.0).astype(np.uint8)
     if fmt == "onnx":
         onnx_model = quantize_onnx(to_onnx(fn, (batch, size, size, 3), dtype), quantize, images)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -355,6 +395,8 @@ def export(
         result["top1_agreement"] = float(np.mean(np.concatenate(top1)))
     if quantize == "none" and max(diffs.values()) > FLOAT32_TOLERANCE:
         raise RuntimeError(f"the float32 export differs from the JAX model by {max(diffs.values()):.3g} (> {FLOAT32_TOLERANCE}): {diffs}")
+    if evaluate:
+        result["eval"] = evaluate_export(checkpoint, fmt, out, batch, uint8_input, ema=ema)
     return result
 
 
@@ -370,6 +412,91 @@ def _export_tf(fn, fmt, out, batch, size, dtype, quantize, images, samples, resu
             result["max_rank"] = tflite_max_rank(flatbuffer)
             return [run_tflite(flatbuffer, x) for x in samples]
         return [run_savedmodel(out, x) for x in samples]
+
+
+def runtime_runner(fmt: str, path: str, threads: Optional[int] = None) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+    """inputs -> {output name: array} of an exported file in its runtime (built once)."""
+    if fmt == "onnx":
+        session = onnx_session(path, threads)
+        names = [o.name for o in session.get_outputs()]
+        return lambda x: dict(zip(names, session.run(names, {"images": x})))
+    if fmt == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        with open(path, "rb") as f:
+            runner = Interpreter(model_content=f.read(), num_threads=threads).get_signature_runner()
+        (name,) = runner.get_input_details()
+        return lambda x: {k: np.asarray(v) for k, v in runner(**{name: x}).items()}
+    return lambda x: run_savedmodel(path, x)
+
+
+def evaluate_outputs(checkpoint: str, run: Callable[[np.ndarray], Dict[str, np.ndarray]], batch: Optional[int] = None,
+                     uint8_input: bool = False, split: Optional[str] = None) -> Tuple[Dict[str, float], np.ndarray]:
+    """(the task's metrics, per-example argmax of the first output) of `run` (an exported
+    model, or the JAX model) over the eval split of a training workdir's dataset: the
+    engine's eval input and the task's own sums and metrics, in one process. `batch`: the
+    export's fixed batch size (None: any); uint8 exports get the preprocessed images as
+    rounded 0-255 pixels."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from mvit2_jax import tasks
+    from mvit2_jax.checkpoint import read_config
+    from mvit2_jax.hub import local_path
+
+    meta = read_config(local_path(checkpoint))[0]
+    if "config" not in meta:
+        raise ConfigError(f"{checkpoint} records no training config (no dataset to evaluate on): give a training workdir")
+    task = tasks.get(meta["task"])
+    config = ml_collections.ConfigDict(meta["config"])
+    task.check_data(config, splits=[split or config.data.eval_split])
+    sums_fn = jax.jit(lambda outputs, b: task.eval_sums(outputs, b, config))
+    examples_fn = jax.jit(lambda outputs, b: task.eval_examples(outputs, b, config)) if hasattr(task, "eval_examples") else None
+    totals, gathered, argmaxes, count = None, [], [], 0.0
+    for b in task.eval_input(config, split):
+        images = np.asarray(task.inputs(b))
+        if uint8_input:
+            images = np.round(images * 255.0).astype(np.uint8)
+        step = batch or len(images)
+        parts = []
+        for i in range(0, len(images), step):
+            chunk = images[i:i + step]
+            pad = step - len(chunk)
+            out = run(np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk)
+            parts.append({k: np.asarray(v, np.float32)[:len(chunk)] for k, v in out.items()})
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        outputs = {"loc": jnp.asarray(out["loc"]), "cls": jnp.asarray(out["cls"])} if meta["task"] == "detection" else jnp.asarray(out["logits"])
+        sums = jax.device_get(sums_fn(outputs, b))
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+        real = np.asarray(b["mask"]) > 0
+        count += float(real.sum())
+        if examples_fn is not None:
+            gathered.append({k: np.asarray(v)[real] for k, v in jax.device_get(examples_fn(outputs, b)).items()})
+        first = out["cls"] if meta["task"] == "detection" else out["logits"]
+        argmaxes.append(np.argmax(first, -1)[real])
+    extra = {"examples": {k: np.concatenate([g[k] for g in gathered]) for k in gathered[0]}} if gathered else {}
+    return task.finalize(totals, count, **extra), np.concatenate(argmaxes)
+
+
+def evaluate_export(checkpoint: str, fmt: str, path: str, batch: Optional[int] = 1, uint8_input: bool = False,
+                    split: Optional[str] = None, ema: bool = True) -> Dict[str, Any]:
+    """The task's headline metric (top1, miou or map) of an export and of the JAX model it
+    came from, on the workdir's eval split, with the change and the argmax agreement
+    (classification: top-1 agreement; segmentation: pixel agreement; detection: per-anchor
+    class agreement)."""
+    import jax
+
+    from mvit2_jax import tasks
+
+    model, variables, meta = load_exportable(checkpoint, ema)
+    metric = tasks.get(meta["task"]).best_metric.removeprefix("ema_")
+    forward = jax.jit(inference_function(model, variables, meta["task"], uint8_input))
+    exported, export_argmax = evaluate_outputs(checkpoint, runtime_runner(fmt, path), batch, uint8_input, split)
+    reference, jax_argmax = evaluate_outputs(checkpoint, lambda x: jax.device_get(forward(x)), None, uint8_input, split)
+    return {"metric": metric, "export": exported[metric], "jax": reference[metric], "change": exported[metric] - reference[metric],
+            "agreement": float(np.mean(export_argmax == jax_argmax)), "examples": int(len(export_argmax)),
+            "dataset": meta["config"]["data"]["dataset"], "split": split or meta["config"]["data"]["eval_split"]}
 
 
 def decode_detections(loc: np.ndarray, cls_logits: np.ndarray, anchors: np.ndarray, score_threshold: float = 0.01,
@@ -423,15 +550,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
     parser.add_argument("--dynamic-batch", action="store_true", help="a batch dimension of any size")
     parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="tflite / onnx weights and activations")
-    parser.add_argument("--calibration", default=None, help="int8: a folder of images to calibrate on")
+    parser.add_argument("--calibration", default=None,
+                        help="int8: a folder of images to calibrate on, or (a training workdir) a split of its dataset, e.g. train[:64]")
     parser.add_argument("--uint8-input", action="store_true", help="the graph takes uint8 pixels and scales them by 1/255")
     parser.add_argument("--raw", action="store_true", help="training workdirs: the raw weights, not EMA")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="training workdirs: the export's metric on the run's eval split, beside the JAX model's")
     args = parser.parse_args(argv)
     with usage_errors_exit(f"{parser.prog}: error"):
         if args.batch < 1:
             raise ConfigError(f"--batch must be at least 1, got {args.batch}")
         result = export(args.checkpoint, args.format, args.out, args.image_size, None if args.dynamic_batch else args.batch,
-                        args.quantize, args.calibration, args.uint8_input, not args.raw)
+                        args.quantize, args.calibration, args.uint8_input, not args.raw, evaluate=args.evaluate)
     print(f"wrote {result['path']}: {result['task']}, {result['image_size']}x{result['image_size']} {result['input_dtype']} input, "
           f"batch {result['batch'] or 'dynamic'}, quantize {result['quantize']}")
     for name, shape in result["outputs"].items():
@@ -442,6 +572,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  largest tensor rank in the graph: {result['max_rank']}")
     if "anchors" in result:
         print(f"  anchors: {result['anchors']} (decode with mvit2_jax.export.decode_detections)")
+    if "eval" in result:
+        e = result["eval"]
+        print(f"  {e['dataset']}[{e['split']}], {e['examples']} examples: {e['metric']} {e['export']:.4f} exported, {e['jax']:.4f} JAX "
+              f"({e['change']:+.4f}); argmax agreement {e['agreement']:.2%}")
     return 0
 
 
