@@ -215,7 +215,8 @@ def plot(rows: Sequence[Dict[str, Any]], path: str, title: str) -> None:
     ax_a.set(ylabel="batch-1 latency (ms), float32, 2 threads", title="MobileViTv2-1.0: the attention unit")
     for ax in (ax_o, ax_l, ax_a):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # (a run without some rows draws nothing there)
+            ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     common.save_figure(fig, path)
 

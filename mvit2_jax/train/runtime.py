@@ -109,5 +109,5 @@ def params_checksum(params: Any) -> float:
     """Sum of |x| over this process's copy of `params`: equal on every process of a sound run."""
     total = 0.0
     for leaf in jax.tree.leaves(params):
-        total += float(np.abs(np.asarray(leaf.addressable_data(0), np.float64)).sum())
+        total += float(np.abs(np.asarray(leaf.addressable_data(0)).astype(np.float64)).sum())
     return total
