@@ -106,7 +106,7 @@ def test_parameter_groups_by_path_prefix():
 
 
 def test_frozen_and_slower_backbone(small_config):
-    params = {"head": {"kernel": np.ones((2, 2))}, "stem": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}
+    params = {"head": {"kernel": np.ones((2, 2), np.float32)}, "stem": {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}}
     grads = jax.tree.map(np.ones_like, params)
     config = small_config()
     config.optim.name, config.optim.weight_decay = "sgd", 0.0
