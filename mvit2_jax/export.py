@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from mvit2_jax import compile_cache
 from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
 
 FORMATS = ("savedmodel", "tflite", "onnx")
@@ -557,6 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--evaluate", action="store_true",
                         help="training workdirs: the export's metric on the run's eval split, beside the JAX model's")
     args = parser.parse_args(argv)
+    compile_cache.enable()  # $MVIT2_COMPILATION_CACHE: on (default), off or a directory
     with usage_errors_exit(f"{parser.prog}: error"):
         if args.batch < 1:
             raise ConfigError(f"--batch must be at least 1, got {args.batch}")

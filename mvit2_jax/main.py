@@ -31,6 +31,8 @@ flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of pr
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 flags.DEFINE_string("cpu_collectives", "gloo", "CPU multi-process collectives implementation")
+flags.DEFINE_string("compilation_cache", "on", "the persistent XLA compilation cache: on (~/.cache/mvit2_jax/xla), off, "
+                    "or a directory (see mvit2_jax.compile_cache)")
 flags.mark_flags_as_required(["config"])
 
 
@@ -60,14 +62,17 @@ def main(argv):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only: keep accelerators for JAX
+    from mvit2_jax import compile_cache
+
+    cache_dir = compile_cache.enable(FLAGS.compilation_cache)
     _init_distributed()
     import jax
 
     from mvit2_jax import train
     from mvit2_jax.errors import ConfigError
 
-    logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), jax.default_backend())
+    logging.info("JAX process %d/%d, %d local / %d global devices (%s); compilation cache: %s", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), jax.default_backend(), cache_dir or "off")
     try:
         if FLAGS.mode == "eval":
             if not (FLAGS.checkpoint or FLAGS.workdir):

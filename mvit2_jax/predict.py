@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mvit2_jax import compile_cache
 from mvit2_jax.errors import ConfigError, DataError, usage_errors_exit
 
 
@@ -287,6 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--score-threshold", type=float, default=0.3, help="detection: the lowest score drawn and written")
     parser.add_argument("images", nargs="+", help="image files")
     args = parser.parse_args(argv)
+    compile_cache.enable()  # $MVIT2_COMPILATION_CACHE: on (default), off or a directory
     with usage_errors_exit():
         task = None
         if args.out:
