@@ -138,18 +138,26 @@ def to_tflite(saved_model: str, quantize: str = "none", calibration: Optional[np
         raise RuntimeError(f"the TFLite converter failed: {str(e).strip().splitlines()[0]}") from e
 
 
-def run_tflite(model: bytes, inputs: np.ndarray, threads: Optional[int] = None) -> Dict[str, np.ndarray]:
-    """Outputs of a TFLite model (its serving signature) on `inputs`, with ai-edge-litert."""
+def tflite_runner(model: bytes, threads: Optional[int] = None) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+    """images -> {output name: array} of a TFLite model (its serving signature) in ai-edge-litert, built once."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=model, num_threads=threads)
-    runner = interpreter.get_signature_runner()
+    runner = Interpreter(model_content=model, num_threads=threads).get_signature_runner()
     ((name, detail),) = runner.get_input_details().items()
     fixed = int(detail["shape_signature"][0])
-    if fixed != -1 and len(inputs) != fixed:
-        raise ValueError(f"this TFLite file takes batches of {fixed} (exported with --batch {fixed}), got {len(inputs)} images: "
-                         "run them in batches of that size, or export with --dynamic-batch")
-    return {k: np.asarray(v) for k, v in runner(**{name: inputs}).items()}
+
+    def run(inputs: np.ndarray) -> Dict[str, np.ndarray]:
+        if fixed != -1 and len(inputs) != fixed:
+            raise ValueError(f"this TFLite file takes batches of {fixed} (exported with --batch {fixed}), got {len(inputs)} images: "
+                             "run them in batches of that size, or export with --dynamic-batch")
+        return {k: np.asarray(v) for k, v in runner(**{name: inputs}).items()}
+
+    return run
+
+
+def run_tflite(model: bytes, inputs: np.ndarray, threads: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Outputs of a TFLite model (its serving signature) on `inputs`, with ai-edge-litert."""
+    return tflite_runner(model, threads)(inputs)
 
 
 def run_savedmodel(path: str, inputs: np.ndarray) -> Dict[str, np.ndarray]:
@@ -256,11 +264,16 @@ def onnx_session(model: Any, threads: Optional[int] = None) -> Any:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(model: Any, inputs: np.ndarray, threads: Optional[int] = None) -> Dict[str, np.ndarray]:
-    """Outputs of an ONNX model on `inputs` (its "images"), with onnxruntime on the CPU."""
+def onnx_runner(model: Any, threads: Optional[int] = None) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+    """images -> {output name: array} of an ONNX model (bytes, path or ModelProto), its session built once."""
     session = onnx_session(model, threads)
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {"images": inputs})))
+    return lambda inputs: dict(zip(names, session.run(names, {"images": inputs})))
+
+
+def run_onnx(model: Any, inputs: np.ndarray, threads: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Outputs of an ONNX model on `inputs` (its "images"), with onnxruntime on the CPU."""
+    return onnx_runner(model, threads)(inputs)
 
 
 def onnx_max_rank(model: Any) -> int:
@@ -376,9 +389,8 @@ def export(
         with open(out, "wb") as f:
             f.write(onnx_model.SerializeToString())
         result["max_rank"] = onnx_max_rank(onnx_model)
-        session = onnx_session(out)
-        names = [o.name for o in session.get_outputs()]
-        got = [dict(zip(names, session.run(names, {"images": x}))) for x in samples]
+        run = onnx_runner(out)
+        got = [run(x) for x in samples]
     else:
         got = _export_tf(fn, fmt, out, batch, size, dtype, quantize, images, samples, result)
     if task == "detection":
@@ -411,23 +423,18 @@ def _export_tf(fn, fmt, out, batch, size, dtype, quantize, images, samples, resu
             with open(out, "wb") as f:
                 f.write(flatbuffer)
             result["max_rank"] = tflite_max_rank(flatbuffer)
-            return [run_tflite(flatbuffer, x) for x in samples]
+            run = tflite_runner(flatbuffer)
+            return [run(x) for x in samples]
         return [run_savedmodel(out, x) for x in samples]
 
 
 def runtime_runner(fmt: str, path: str, threads: Optional[int] = None) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
     """inputs -> {output name: array} of an exported file in its runtime (built once)."""
     if fmt == "onnx":
-        session = onnx_session(path, threads)
-        names = [o.name for o in session.get_outputs()]
-        return lambda x: dict(zip(names, session.run(names, {"images": x})))
+        return onnx_runner(path, threads)
     if fmt == "tflite":
-        from ai_edge_litert.interpreter import Interpreter
-
         with open(path, "rb") as f:
-            runner = Interpreter(model_content=f.read(), num_threads=threads).get_signature_runner()
-        (name,) = runner.get_input_details()
-        return lambda x: {k: np.asarray(v) for k, v in runner(**{name: x}).items()}
+            return tflite_runner(f.read(), threads)
     return lambda x: run_savedmodel(path, x)
 
 
