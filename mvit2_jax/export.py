@@ -180,6 +180,8 @@ def to_onnx(fn: Callable, input_shape: Tuple[Optional[int], int, int, int], inpu
     import jax
     from jax2onnx import to_onnx as jax_to_onnx
 
+    from mvit2_jax.models import layers
+
     batch = "batch" if input_shape[0] is None else input_shape[0]
     shape = jax.export.symbolic_shape(", ".join(str(d) for d in (batch, *input_shape[1:])))
     abstract = jax.ShapeDtypeStruct(shape, np.dtype(input_dtype))
@@ -192,7 +194,7 @@ def to_onnx(fn: Callable, input_shape: Tuple[Optional[int], int, int, int], inpu
     try:
         for name, level in quiet.items():
             std_logging.getLogger(name).setLevel(level)
-        with _log_levels_kept(), contextlib.redirect_stdout(io.StringIO()):
+        with _log_levels_kept(), contextlib.redirect_stdout(io.StringIO()), layers.onnx_graph():
             model = jax_to_onnx(fn, [abstract], model_name="mvit2_jax", opset=ONNX_OPSET)
     finally:
         for name, level in levels.items():
@@ -244,8 +246,11 @@ def quantize_onnx(model: Any, quantize: str, calibration: Optional[np.ndarray] =
                 def get_next(self):
                     return next(self.batches, None)
 
+            # InstanceNormalization's scale is a vector: its channels are axis 0 (the quantizer's
+            # default axis 1 does not exist there, and it warned once per node).
             quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            extra_options={"QDQOpTypePerChannelSupportToAxis": {"InstanceNormalization": 0}})
         return onnx.load(dst)
 
 

@@ -42,7 +42,8 @@ class SeparableSelfAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         d = self.dim
         qkv = self._dense(1 + 2 * d, x.shape[-1], "qkv_proj")(x)
-        query, key, value = qkv[..., 0], qkv[..., 1 : d + 1], qkv[..., d + 1 :]
+        query, key, value = jnp.split(qkv, [1, d + 1], axis=-1)  # one Split node in exported graphs
+        query = query[..., 0]
         # Context scores over the N tokens, laid out [..., N] (N the minor axis): XLA:CPU
         # reduces a [..., N, 1] layout far slower, and fused it into the output projection
         # so that the forward pass grew faster than O(N).

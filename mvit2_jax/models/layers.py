@@ -16,9 +16,11 @@ GroupNorm, LayerNorm and the bilinear resizes have one implementation, library o
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -234,6 +236,20 @@ class ConvBN(nn.Module):
 ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, None: lambda x: x}
 
 
+_ONNX_GRAPH = contextvars.ContextVar("mvit2_jax_onnx_graph", default=False)
+
+
+@contextlib.contextmanager
+def onnx_graph() -> Iterator[None]:
+    """While tracing for ONNX (mvit2_jax.export.to_onnx): the portable path's layers that
+    ONNX has one operator for are written so that jax2onnx emits that operator."""
+    token = _ONNX_GRAPH.set(True)
+    try:
+        yield
+    finally:
+        _ONNX_GRAPH.reset(token)
+
+
 def group_norm1(dtype: Dtype, name: Optional[str] = None, kernels: str = "auto") -> nn.Module:
     """GroupNorm with one group: statistics over every non-batch axis, per-channel affine.
 
@@ -258,6 +274,12 @@ class GroupNorm1(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         xf = x.astype(jnp.float32)
+        if _ONNX_GRAPH.get():
+            # One InstanceNormalization over [B, 1, L] (jax2onnx's nn.InstanceNorm lowering)
+            # instead of a dozen small ops: the same formula in ONNX Runtime.
+            flat = nn.InstanceNorm(epsilon=self.epsilon, dtype=jnp.float32, use_bias=False, use_scale=False, feature_axes=1)(
+                xf.reshape(x.shape[0], 1, -1))
+            return (flat.reshape(x.shape) * scale + bias).astype(self.dtype)
         axes = tuple(range(1, x.ndim))
         mean = jnp.mean(xf, axes, keepdims=True)
         var = jnp.maximum(jnp.mean(jnp.square(xf), axes, keepdims=True) - jnp.square(mean), 0.0)
