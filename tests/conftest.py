@@ -29,10 +29,6 @@ import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
-# The commands' own size limit (mvit2_jax.compile_cache), so that every process sharing the
-# directory, tests and the commands they call in-process, keeps JAX's LRU bookkeeping: a
-# process without it writes entries that a process with it cannot account for.
-jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 ROOT = Path(__file__).resolve().parents[1]
