@@ -131,6 +131,7 @@ def test_absent_classes_do_not_count_in_the_miou():
 
 def test_loss_ignores_unlabelled_pixels_and_weights_the_aux_head(small_seg_config):
     config = small_seg_config()
+    config.class_weights = False
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(2, 8, 8, 11)), jnp.float32)
     labels = rng.integers(0, 11, (2, 8, 8))
@@ -142,6 +143,32 @@ def test_loss_ignores_unlabelled_pixels_and_weights_the_aux_head(small_seg_confi
     assert float(TASK.loss(logits, jnp.asarray(labels), config)) == pytest.approx(want, rel=1e-5)
     both = float(TASK.loss((logits, logits), jnp.asarray(labels), config))  # aux at full size: resized onto itself
     assert both == pytest.approx(want * (1 + config.aux_loss_weight), rel=1e-5)
+
+
+def test_class_weights_are_enet_weights_of_the_batch_in_torchs_weighted_cross_entropy(small_seg_config):
+    torch = pytest.importorskip("torch")
+    config = small_seg_config()
+    config.class_weights = True
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 8, 8, 11)).astype(np.float32)
+    logits[..., 0] += 2.0  # background favoured: weighting the rare classes up changes the mean
+    labels = np.where(rng.random((2, 8, 8)) < 0.7, 0, rng.integers(1, 10, (2, 8, 8)))  # class 10 absent
+    labels[:, :2] = IGNORE
+    hist = np.bincount(labels[labels != IGNORE], minlength=11).astype(np.float64)
+    want_weights = np.where(hist > 0, 1.0 / np.log(hist / hist.sum() + 1.1), 0.0)  # ENet section 5.2, norm 1.1
+    from mvit2_jax.tasks.segmentation import enet_class_weights
+
+    np.testing.assert_allclose(enet_class_weights(jnp.asarray(labels), 11), want_weights, rtol=1e-5)
+    assert want_weights[0] < want_weights[1:10].min() and want_weights[10] == 0
+    want = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits).permute(0, 3, 1, 2), torch.from_numpy(labels), weight=torch.tensor(want_weights, dtype=torch.float32),
+        ignore_index=IGNORE,
+    ).item()
+    assert float(TASK.loss(jnp.asarray(logits), jnp.asarray(labels), config)) == pytest.approx(want, rel=1e-5)
+    both = float(TASK.loss((jnp.asarray(logits),) * 2, jnp.asarray(labels), config))
+    assert both == pytest.approx(want * (1 + config.aux_loss_weight), rel=1e-5)
+    config.class_weights = False
+    assert abs(float(TASK.loss(jnp.asarray(logits), jnp.asarray(labels), config)) - want) > 0.1
 
 
 # ----------------------------------------------------------------------------- the built-in data

@@ -45,6 +45,7 @@ def get_config(dataset: str = "ade20k", head: str = "deeplabv3", alpha: float = 
     c.required_fields = ("init_from",)
     c.label_smoothing = 0.0  # unused by segmentation
     c.aux_loss_weight = 0.4
+    c.class_weights = False  # the official --loss.segmentation.cross-entropy.class-weights (ENet weights per batch)
 
     m = c.model
     del m["head_dropout"]  # the classifier's; the segmentation head's dropout is below

@@ -3,8 +3,9 @@
 The model is built from `config.model` (backbone fields as in classification, plus head,
 output_stride, aux_head, aspp_rates, aspp_features, psp_pool_sizes, psp_features,
 head_dropout, aux_dropout) and `config.data.num_classes`. The loss is cross-entropy over the
-labelled pixels (IGNORE = 255 excluded) plus `config.aux_loss_weight` (0.4 officially) times
-the aux head's, whose logits are resized (bilinear, align_corners=True) to the label map as
+labelled pixels (IGNORE = 255 excluded; with `config.class_weights`, weighted per class by the
+official ENet weighting of each batch's labels, off in every official recipe) plus
+`config.aux_loss_weight` (0.4 officially) times the aux head's, whose logits are resized (bilinear, align_corners=True) to the label map as
 the official loss does. Evaluation sums a confusion matrix over the whole split (every
 process's share, ignore label excluded) and reports mIoU over the classes that occur
 (in the labels or the predictions), per-class IoU, pixel accuracy and the loss per pixel;
@@ -50,13 +51,29 @@ def _dataset(config: Config):
     return data_lib, data_lib.DatasetSpec.from_config(config.data)
 
 
-def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> Tuple[jax.Array, jax.Array]:
+def pixel_cross_entropy(
+    logits: jax.Array, labels: jax.Array, class_weights: Optional[jax.Array] = None
+) -> Tuple[jax.Array, jax.Array]:
     """(sum of cross-entropy over labelled pixels, their count); logits [B, H, W, C], labels
-    [B, H, W] with IGNORE on unlabelled pixels."""
+    [B, H, W] with IGNORE on unlabelled pixels. With `class_weights` [C], each pixel's term and
+    count are weighted by its label's weight (the weighted mean of torch's cross_entropy)."""
     valid = labels != IGNORE
     safe = jnp.where(valid, labels, 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
-    return jnp.sum(ce * valid), jnp.sum(valid).astype(jnp.float32)
+    weight = valid.astype(jnp.float32)
+    if class_weights is not None:
+        weight = weight * class_weights[safe]
+    return jnp.sum(ce * weight), jnp.sum(weight)
+
+
+def enet_class_weights(labels: jax.Array, num_classes: int, norm: float = 1.1) -> jax.Array:
+    """The official class weighting (cvnets `loss.segmentation.cross_entropy.class_weights`,
+    ENet section 5.2): from the batch's label histogram h (IGNORE excluded) normalised to sum 1,
+    w_c = 1 / log(h_c + norm), and 0 for classes absent from the batch. [num_classes] float32."""
+    valid = labels != IGNORE
+    hist = jnp.zeros((num_classes,), jnp.float32).at[jnp.where(valid, labels, 0).reshape(-1)].add(valid.reshape(-1))
+    share = hist / jnp.maximum(hist.sum(), 1.0)
+    return jax.lax.stop_gradient(jnp.where(hist > 0, 1.0 / jnp.log(share + norm), 0.0))
 
 
 def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int, weights: jax.Array) -> jax.Array:
@@ -211,12 +228,13 @@ class Segmentation(ImageTask):
 
     def loss(self, outputs: Any, targets: jax.Array, config: Config) -> jax.Array:
         logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
-        total, count = pixel_cross_entropy(logits, targets)
-        loss = total / jnp.maximum(count, 1.0)
+        weights = enet_class_weights(targets, logits.shape[-1]) if config.get("class_weights") else None
+        total, count = pixel_cross_entropy(logits, targets, weights)
+        loss = total / jnp.maximum(count, 1e-6)
         if aux is not None and config.aux_loss_weight:
             aux = resize_bilinear_align_corners(aux, targets.shape[1], targets.shape[2])
-            aux_total, _ = pixel_cross_entropy(aux, targets)
-            loss = loss + config.aux_loss_weight * aux_total / jnp.maximum(count, 1.0)
+            aux_total, _ = pixel_cross_entropy(aux, targets, weights)
+            loss = loss + config.aux_loss_weight * aux_total / jnp.maximum(count, 1e-6)
         return loss
 
     def train_metrics(self, outputs: Any, batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
