@@ -4,9 +4,10 @@ The model is built from `config.model` (backbone fields as in classification, pl
 output_stride, aux_head, aspp_rates, aspp_features, psp_pool_sizes, psp_features,
 head_dropout, aux_dropout) and `config.data.num_classes`. The loss is cross-entropy over the
 labelled pixels (IGNORE = 255 excluded; with `config.class_weights`, weighted per class by the
-official ENet weighting of each batch's labels, off in every official recipe) plus
-`config.aux_loss_weight` (0.4 officially) times the aux head's, whose logits are resized (bilinear, align_corners=True) to the label map as
-the official loss does. Evaluation sums a confusion matrix over the whole split (every
+official ENet weighting of the labels of each global batch, where the official code weighs each
+GPU's share; off in every official recipe) plus `config.aux_loss_weight` (0.4 officially)
+times the aux head's, whose logits are resized (bilinear, align_corners=True) to the label
+map as the official loss does. Evaluation sums a confusion matrix over the whole split (every
 process's share, ignore label excluded) and reports mIoU over the classes that occur
 (in the labels or the predictions), per-class IoU, pixel accuracy and the loss per pixel;
 the best checkpoint is the one with the highest EMA mIoU.
