@@ -57,7 +57,7 @@ def get_config(variant: str = ""):
     c.detection.top_k = 100  # per class, before NMS (the canvases hold at most 4 digits)
     c.detection.max_detections = 100  # COCO's evaluation counts 100 per image
     c.log_every_steps = 50
-    c.eval_every_steps = 437  # 3 evaluations in the 1,312 steps
+    c.eval_every_steps = 437  # 3 evaluations in the 1,309 steps
     c.checkpoint_every_steps = 437
     if variant == "smoke":  # the tests' and the notebook's seconds-long run: 64x64, every augmentation on
         d.image_size = 64

@@ -72,7 +72,7 @@ def enet_class_weights(labels: jax.Array, num_classes: int, norm: float = 1.1) -
     ENet section 5.2): from the batch's label histogram h (IGNORE excluded) normalised to sum 1,
     w_c = 1 / log(h_c + norm), and 0 for classes absent from the batch. [num_classes] float32."""
     valid = labels != IGNORE
-    hist = jnp.zeros((num_classes,), jnp.float32).at[jnp.where(valid, labels, 0).reshape(-1)].add(valid.reshape(-1))
+    hist = jnp.bincount(jnp.where(valid, labels, 0).reshape(-1), valid.reshape(-1).astype(jnp.float32), length=num_classes)
     share = hist / jnp.maximum(hist.sum(), 1.0)
     return jax.lax.stop_gradient(jnp.where(hist > 0, 1.0 / jnp.log(share + norm), 0.0))
 
@@ -231,11 +231,11 @@ class Segmentation(ImageTask):
         logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
         weights = enet_class_weights(targets, logits.shape[-1]) if config.get("class_weights") else None
         total, count = pixel_cross_entropy(logits, targets, weights)
-        loss = total / jnp.maximum(count, 1e-6)
+        loss = total / jnp.maximum(count, 1.0)
         if aux is not None and config.aux_loss_weight:
             aux = resize_bilinear_align_corners(aux, targets.shape[1], targets.shape[2])
             aux_total, _ = pixel_cross_entropy(aux, targets, weights)
-            loss = loss + config.aux_loss_weight * aux_total / jnp.maximum(count, 1e-6)
+            loss = loss + config.aux_loss_weight * aux_total / jnp.maximum(count, 1.0)
         return loss
 
     def train_metrics(self, outputs: Any, batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
