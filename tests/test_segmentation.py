@@ -216,6 +216,26 @@ def test_digit_scenes_canvases():
     assert image.shape == (64, 64, 3) and label.shape == (64, 64, 1) and np.array_equal(image, again)
     present = set(np.unique(label)) - {0}
     assert present and present <= set(range(1, 11)) and 0.02 < np.mean(label > 0) < 0.8
+    # The digits lie apart (no digit covers part of another), 22-38 pixels, up to four per canvas.
+    counts = []
+    for seed in range(30):
+        same_image, label, objects = digit_scenes.canvas_objects(
+            np.random.default_rng(seed), ink, labels, digit_scenes.DIGIT_SIZES, digit_scenes.MAX_DIGITS, apart=True
+        )
+        scene_image, scene_label = digit_scenes.canvas(np.random.default_rng(seed), ink, labels)
+        np.testing.assert_array_equal(same_image, scene_image)
+        np.testing.assert_array_equal(label, scene_label)
+        counts.append(len(objects))
+        for a in range(len(objects)):
+            x0, y0, x1, y1, digit = objects[a]
+            assert 12 <= max(x1 - x0, y1 - y0) <= 38
+            rows, cols = np.nonzero(label[..., 0] == digit + 1)
+            inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+            assert (rows[inside].min(), rows[inside].max() + 1, cols[inside].min(), cols[inside].max() + 1) == (y0, y1, x0, x1)
+            for b in range(a):
+                p0, q0, p1, q1, _ = objects[b]
+                assert x1 <= p0 or p1 <= x0 or y1 <= q0 or q1 <= y0
+    assert 1 <= min(counts) and max(counts) <= 4 and 1.3 < np.mean(counts) < 2.2
 
 
 # ----------------------------------------------------------------------------- the official datasets
