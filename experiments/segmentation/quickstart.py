@@ -18,10 +18,10 @@ form of it already traded missed digit pixels for background called a digit and 
 lower (README).
 
 Measured on 2 cores (AMD EPYC with AVX-512, 2026-12-01): test mIoU 0.753 (EMA 0.750), pixel
-accuracy 0.957, in 6 min 39 s with compiles; the curve at steps 187 / 374 / 561 / 748 / 935:
-0.13 / 0.40 / 0.65 / 0.73 / 0.75. The same run 45 minutes earlier, while the machine ran
-slower (0.58 s per step against 0.33): the same numbers in 10 min 45 s. The README's
-Segmentation section has the probes that led here.
+accuracy 0.957, in 7 min 46 s with compiles and the dataset's preparation; the curve at
+steps 187 / 374 / 561 / 748 / 935: 0.13 / 0.40 / 0.65 / 0.73 / 0.75. The same run 90 minutes
+earlier, while the machine ran slower (0.58 s per step against 0.39): the same numbers in
+10 min 45 s. The README's Segmentation section has the probes that led here.
 """
 
 from experiments import base as experiments_base
