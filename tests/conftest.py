@@ -88,6 +88,13 @@ REFERENCE = {"data.train_split": "train", "data.eval_split": "test", "num_epochs
 REFERENCE_FLAGS = [f"--config.{k}={v}" for k, v in REFERENCE.items()]
 
 
+def assert_boxes_apart(objects) -> None:
+    """No two of a canvas's digit boxes (x0, y0, x1, y1, digit) overlap."""
+    for a, (x0, y0, x1, y1, _) in enumerate(objects):
+        for p0, q0, p1, q1, _ in objects[:a]:
+            assert x1 <= p0 or p1 <= x0 or y1 <= q0 or q1 <= y0, f"boxes {objects[a][:4]} and {(p0, q0, p1, q1)} overlap"
+
+
 def random_like(abstract, seed=0):
     """Non-trivial arrays shaped as the leaves of `abstract` (a tree of jax.ShapeDtypeStruct,
     from jax.eval_shape), made by NumPy, with no compile: kernels N(0, 1/fan_in), norm scales
@@ -168,6 +175,7 @@ subprocess_env_fixture = _helper_fixture("subprocess_env", subprocess_env)
 main_cli_fixture = _helper_fixture("main_cli", main_cli)
 random_variables_fixture = _helper_fixture("random_variables", random_variables)
 random_like_fixture = _helper_fixture("random_like", random_like)
+assert_boxes_apart_fixture = _helper_fixture("assert_boxes_apart", assert_boxes_apart)
 reference_flags_fixture = _helper_fixture("reference_flags", REFERENCE_FLAGS)
 reference_config_fixture = _helper_fixture("reference_config", reference_config)
 

@@ -127,7 +127,7 @@ def test_train_examples_flip_and_resize_with_their_boxes():
                                _random_boxes(np.random.default_rng(0), 5), atol=1e-6)
 
 
-def test_digit_boxes_are_the_ink_extents_of_the_digits():
+def test_digit_boxes_are_the_ink_extents_of_the_digits(assert_boxes_apart):
     from mvit2_jax.data import digit_scenes, digits
 
     images, labels = digits.digits_as_uint8_rgb()
@@ -153,9 +153,7 @@ def test_digit_boxes_are_the_ink_extents_of_the_digits():
             rows, cols = np.nonzero(label[..., 0] == digit + 1)
             inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
             assert inside.sum() > 10
-            for b in range(a):
-                p0, q0, p1, q1, _ = objects[b]
-                assert x1 <= p0 or p1 <= x0 or y1 <= q0 or q1 <= y0  # no two boxes overlap
+        assert_boxes_apart(objects)
     assert max(counts) == 4 and min(counts) >= 1
 
 

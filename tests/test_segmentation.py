@@ -206,7 +206,7 @@ def test_eval_covers_the_split_once_over_processes_and_the_confusion_adds_up():
     assert confusion(one).sum() == 11 * 32 * 32
 
 
-def test_digit_scenes_canvases():
+def test_digit_scenes_canvases(assert_boxes_apart):
     from mvit2_jax.data import digit_scenes, digits
 
     images, labels = digits.digits_as_uint8_rgb()
@@ -232,9 +232,7 @@ def test_digit_scenes_canvases():
             rows, cols = np.nonzero(label[..., 0] == digit + 1)
             inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
             assert (rows[inside].min(), rows[inside].max() + 1, cols[inside].min(), cols[inside].max() + 1) == (y0, y1, x0, x1)
-            for b in range(a):
-                p0, q0, p1, q1, _ = objects[b]
-                assert x1 <= p0 or p1 <= x0 or y1 <= q0 or q1 <= y0
+        assert_boxes_apart(objects)
     assert 1 <= min(counts) and max(counts) <= 4 and 1.3 < np.mean(counts) < 2.2
 
 

@@ -19,7 +19,8 @@ and per image in the evaluation (the canvases hold at most four digits). The smo
 distortion on.
 
 Measured on 2 cores (AMD EPYC with AVX-512, 2026-12-01): test mAP@0.5 0.897, mAP@[0.5:0.95]
-0.672, VOC07 mAP@0.5 0.861 (EMA weights 0.895 / 0.672) in 8 min 34 s with compiles; mAP@0.5
+0.672, VOC07 mAP@0.5 0.861 (EMA weights 0.895 / 0.672) in 9 min 14 s with compiles and the
+dataset's generation (8 min 34 s with the programs in the compilation cache); mAP@0.5
 at steps 437 / 874 / 1,309: 0.547 / 0.834 / 0.897. The same command while the machine ran
 about 2x slower: the same numbers in 15 min 34 s. The README's Detection
 section has the probes that led here (128x128 levelled off at mAP@0.5 0.84; at 64x64 the
