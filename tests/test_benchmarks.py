@@ -49,8 +49,23 @@ def test_model_tiny_without_timm(tmp_path):
     rows = _check_outputs(out, "model", 2)
     assert {(r["alpha"], r["mode"]) for r in rows} == {("0.5", "infer"), ("0.5", "train")}
     assert all(float(r["images_per_s"]) > 0 and not r["error"] for r in rows)
+    flops = {mode: model.model_flops(0.5, 64, mode) for mode in ("infer", "train")}
+    for r in rows:  # the model's FLOP rate and its fraction of this run's matmul peak
+        assert float(r["GFLOP_s"]) == pytest.approx(flops[r["mode"]] * float(r["images_per_s"]) / 1e9, rel=0.01)  # the CSV keeps 3 digits
+        assert float(r["of_matmul_peak"]) > 0
     with open(os.path.join(out, "model.md")) as f:
-        assert "timm skipped" in f.read()
+        text = f.read()
+    assert "timm skipped" in text and "matmul_float32_GFLOP_s" in text and "matmul_bfloat16_GFLOP_s" in text
+
+
+def test_model_flops_are_the_papers_multiply_accumulates():
+    from mvit2_jax.benchmarks import common
+    from mvit2_jax.models import VARIANTS
+
+    infer = model.model_flops(1.0, 256, "infer")
+    assert infer == pytest.approx(2 * VARIANTS[1.0].gmacs * 1e9, rel=2e-3)
+    assert model.model_flops(1.0, 256, "train") == 3 * infer
+    assert set(common.cpu_features()) <= set(common.CPU_FEATURES)
 
 
 @pytest.mark.slow
@@ -116,6 +131,33 @@ def test_mobile_ratios_pair_timm_with_our_onnx_export():
             {**base, "threads": 2, "impl": "timm", "runtime": "onnxruntime", "latency_ms": 5.4}]
     ratios = mobile.ratio_rows(rows)
     assert [(r["threads"], r["ours_ms"], r["timm_ms"], round(r["timm_over_ours"], 6)) for r in ratios] == [(1, 10.0, 12.0, 1.2), (2, 6.0, 5.4, 0.9)]
+    paired = {**rows[2], "paired": {"ratio": 1.1, "ci95_low": 1.05, "ci95_high": 1.15, "pairs": 40}}
+    (ratio,) = mobile.ratio_rows([rows[1], paired])
+    assert (ratio["timm_over_ours"], ratio["ci95"], ratio["pairs"], ratio["timm_ms"]) == (1.1, "1.050-1.150", 40, 12.0)
     assert mobile.timm_name({"family": "v1", "variant": "xs"}) == "mobilevit_xs"
     assert mobile.timm_name({"family": "v2", "alpha": 1.25, "attention": "separable"}) == "mobilevitv2_125"
     assert mobile.timm_name({"family": "v2", "alpha": 1.0, "attention": "mha"}) is None
+
+
+def test_paired_timing_takes_turns_and_its_ratio_is_the_median_of_the_rounds():
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from mvit2_jax.benchmarks import mobile
+
+    def matmul(n):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["images", "w"], ["out"])], "mm",
+            [helper.make_tensor_value_info("images", TensorProto.FLOAT, [n, n])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [n, n])],
+            [helper.make_tensor("w", TensorProto.FLOAT, [n, n], np.ones(n * n, np.float32))])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+    calls, rounds = mobile.time_onnx_paired([matmul(8), matmul(16)], threads=1, min_repeats=7, min_time=0.0, block_time=0.0)
+    assert [len(c) for c in calls] == [8, 8] and [len(r) for r in rounds] == [4, 4]  # blocks of 2 timed calls
+    assert min(map(min, calls)) > 0 and rounds[1][0] == np.median(calls[1][:2])
+    # The ratio of rounds, not of medians: rounds (2, 1), (4, 2), (3, 3) -> ratios 2, 2, 1.
+    stats = mobile.paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 3.0])
+    assert stats["ratio"] == 2.0 and stats["pairs"] == 3 and 1.0 <= stats["ci95_low"] <= 2.0 == stats["ci95_high"]
+    with pytest.raises(ValueError):
+        mobile.paired_ratio([1.0, 2.0], [1.0])

@@ -20,7 +20,7 @@ from mvit2_jax.models import (
     attention_factory,
     widths_for,
 )
-from mvit2_jax.models.kernels import batch_norm_act_train
+from mvit2_jax.models.kernels import batch_norm_act_train, pointwise
 from mvit2_jax.models.layers import Conv, ConvBN, align_corners_matrix, resize_bilinear_align_corners
 from mvit2_jax.models.mobilevitv2 import fold, unfold
 
@@ -314,6 +314,23 @@ def test_fused_batch_norm_gradient_of_returned_statistics():
         return jnp.sum(y**3) + jnp.sum(jnp.cos(mean)) + jnp.sum(var**2)
 
     np.testing.assert_allclose(jax.grad(fused)(x), jax.grad(reference)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pointwise_in_bfloat16_accumulates_in_float32():
+    """The CPU path's products of bfloat16 operands (forward and both backward products) are
+    the float32 products of the same bfloat16 values, rounded once to bfloat16."""
+    x = jax.random.normal(jax.random.key(22), (2, 8, 8, 96)).astype(jnp.bfloat16)
+    k = (jax.random.normal(jax.random.key(23), (96, 40)) / 10).astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(24), (2, 8, 8, 40)).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(pointwise, x, k)
+    dx, dk = vjp(g)
+    f32 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)  # noqa: E731
+    references = (f32(x) @ f32(k), f32(g) @ f32(k).T, f32(x).reshape(-1, 96).T @ f32(g).reshape(-1, 40))
+    for got, want in zip((y, dx, dk), references):
+        assert got.dtype == jnp.bfloat16
+        # One bfloat16 rounding of the exact sum: at most 2^-8 relative, with room for the
+        # float32 accumulation's order.
+        np.testing.assert_allclose(f32(got), want, rtol=2.0**-7, atol=1e-6)
 
 
 def test_mha_heads_are_configurable():

@@ -16,21 +16,24 @@ the whole model).
 
 With --timm-python (a Python that has torch and timm), timm's mobilevitv2_* and mobilevit_*
 are exported to ONNX by timm_onnx.py (torch.onnx.export, as timm's own exporter) and timed
-in the same onnxruntime, in this process, right after our export of the same model, on the
-same threads, float32 and int8 (quantized by the same onnxruntime quantizer). Writes
-mobile.{md,csv,json}, mobile_vs_timm.{md,csv,json} and mobile.png to --out.
+in the same onnxruntime, in this process, on the same threads, float32 and int8 (quantized by
+the same onnxruntime quantizer), taking turns with our export of the same model in blocks of
+about 0.25 s (`time_onnx_paired`): the ratio is the median of the rounds' ratios with a 95%
+bootstrap interval, so that the VM's drifts in speed (10-70% within minutes here) fall on
+both alike. Writes mobile.{md,csv,json}, mobile_vs_timm.{md,csv,json} and mobile.png to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -114,6 +117,10 @@ def _timed(invoke: Callable[[], Any], min_repeats: int, min_time: float) -> Dict
         t0 = time.perf_counter()
         invoke()
         times.append(time.perf_counter() - t0)
+    return _latency(times)
+
+
+def _latency(times: Sequence[float]) -> Dict[str, Any]:
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return {"latency_ms": 1000 * statistics.median(times), "p10_ms": 1000 * q[0], "p90_ms": 1000 * q[-1], "repeats": len(times)}
 
@@ -138,6 +145,50 @@ def time_onnx(model: bytes, threads: int, min_repeats: int, min_time: float) -> 
 
 
 TIMERS = {"litert": time_litert, "onnxruntime": time_onnx}
+
+
+def time_onnx_paired(models: Sequence[bytes], threads: int, min_repeats: int, min_time: float,
+                     block_time: float = 0.25, min_rounds: int = 1) -> Tuple[List[List[float]], List[List[float]]]:
+    """(per-call seconds, per-round medians) of several ONNX models on one input shape, taking
+    turns in short blocks (the order reversed every round) so that the machine's drifts in
+    speed fall on all of them alike. Each block starts with an untimed call (the previous
+    model's worker threads may still be spinning on the cores), then times calls for
+    `block_time` s (at least 2). At least `min_repeats` timed calls, `min_rounds` rounds and
+    `min_time` s per model."""
+    from mvit2_jax import export as export_lib
+
+    runs = []
+    for model in models:
+        session = export_lib.onnx_session(model, threads)
+        (source,) = session.get_inputs()
+        feed = {source.name: np.random.default_rng(1).random(source.shape, np.float32)}
+        session.run(None, feed)  # warm-up
+        runs.append(functools.partial(session.run, None, feed))
+    calls: List[List[float]] = [[] for _ in models]
+    rounds: List[List[float]] = [[] for _ in models]
+    while len(calls[0]) < min_repeats or len(rounds[0]) < min_rounds or sum(map(sum, calls)) < min_time * len(models):
+        order = range(len(models)) if len(rounds[0]) % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            runs[i]()
+            block: List[float] = []
+            while len(block) < 2 or sum(block) < block_time:
+                t0 = time.perf_counter()
+                runs[i]()
+                block.append(time.perf_counter() - t0)
+            calls[i] += block
+            rounds[i].append(statistics.median(block))
+    return calls, rounds
+
+
+def paired_ratio(slow: Sequence[float], fast: Sequence[float], resamples: int = 2000, seed: int = 0) -> Dict[str, float]:
+    """The median of the per-round ratios slow_i / fast_i (`time_onnx_paired`'s rounds), with a
+    95% bootstrap interval of that median (rounds resampled with replacement)."""
+    if len(slow) != len(fast) or not len(slow):
+        raise ValueError(f"paired_ratio needs rounds of both, got {len(slow)} and {len(fast)} times")
+    ratios = np.asarray(slow, np.float64) / np.asarray(fast, np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(ratios), (resamples, len(ratios)))
+    low, high = np.percentile(np.median(ratios[picks], axis=1), [2.5, 97.5])
+    return {"ratio": float(np.median(ratios)), "ci95_low": float(low), "ci95_high": float(high), "pairs": len(ratios)}
 
 
 def timm_exports(python: str, names: Sequence[str], size: int, out_dir: str) -> Dict[str, Any]:
@@ -165,15 +216,20 @@ def timm_model(entry: Dict[str, Any], quantize: str) -> Dict[str, Any]:
 
 
 def ratio_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """timm's ONNX Runtime latency over ours, per model, precision and thread count."""
+    """timm's ONNX Runtime latency over ours, per model, precision and thread count: from the
+    paired rounds where the timm row has them (`paired_ratio`), else the ratio of the medians."""
     out = []
     for row in rows:
         if row["impl"] != "timm":
             continue
         (ours,) = [r for r in rows if r["impl"] == "ours" and r["runtime"] == "onnxruntime" and r["model"] == row["model"]
                    and r["size"] == row["size"] and r["quantize"] == row["quantize"] and r["threads"] == row["threads"]]
-        out.append({"model": row["model"], "size": row["size"], "quantize": row["quantize"], "threads": row["threads"],
-                    "ours_ms": ours["latency_ms"], "timm_ms": row["latency_ms"], "timm_over_ours": row["latency_ms"] / ours["latency_ms"]})
+        ratio = {"model": row["model"], "size": row["size"], "quantize": row["quantize"], "threads": row["threads"],
+                 "ours_ms": ours["latency_ms"], "timm_ms": row["latency_ms"], "timm_over_ours": row["latency_ms"] / ours["latency_ms"]}
+        if "paired" in row:
+            p = row["paired"]
+            ratio.update(timm_over_ours=p["ratio"], ci95=f"{p['ci95_low']:.3f}-{p['ci95_high']:.3f}", pairs=p["pairs"])
+        out.append(ratio)
     return out
 
 
@@ -221,6 +277,13 @@ def plot(rows: Sequence[Dict[str, Any]], path: str, title: str) -> None:
     common.save_figure(fig, path)
 
 
+PAIRED_NOTE = (
+    "ours and timm's export take turns in blocks of calls of about 0.25 s on the same input (order reversed every round, "
+    "an untimed call first in each block); ours_ms / timm_ms: their median latencies; timm_over_ours: the median of the "
+    "per-round ratios of the blocks' medians, timm / ours; ci95: a 95% bootstrap interval of that median; pairs: the rounds"
+)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for mobile.{md,csv,json,png} and mobile_vs_timm.*")
@@ -229,13 +292,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     parser.add_argument("--quantize", nargs="+", default=["none", "int8"], choices=("none", "int8"))
     parser.add_argument("--repeats", type=int, default=10, help="timed calls at least")
     parser.add_argument("--min-time", type=float, default=2.0, help="timed seconds at least, per measurement")
+    parser.add_argument("--pair-rounds", type=int, default=24, help="rounds at least of ours and timm's taking turns")
     parser.add_argument("--timm-python", default=None, help="a Python with torch and timm (ONNX export); skipped if absent")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run: two small models at 64x64")
     args = parser.parse_args(argv)
     specs = default_specs()
     if args.tiny:
         specs = [dict(family="v2", alpha=0.5, attention="separable", size=64), dict(family="v2", alpha=0.5, attention="mha", size=64)]
-        args.threads, args.repeats, args.min_time = [1], 3, 0.0
+        args.threads, args.repeats, args.min_time, args.pair_rounds = [1], 3, 0.0, 1
     info = common.machine_info()
     print(f"mobile runtimes benchmark: {info}", flush=True)
     import onnxruntime
@@ -260,7 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             timm_record.setdefault("files", {}).update({(n, size): f for n, f in record["files"].items()})
             timm_record["version"] = f"timm {record['timm']}, torch {record['torch']}, torch.onnx.export opset {record['opset']}"
         if "version" in timm_record:
-            notes.append(f"timm rows: {timm_record['version']} (TorchScript exporter, NCHW input), timed in the same onnxruntime")
+            notes.append(f"timm rows: {timm_record['version']} (TorchScript exporter, NCHW input), timed in the same onnxruntime, "
+                         "taking turns in blocks of calls with our ONNX export of the same model")
     elif not args.timm_python:
         notes.append("timm skipped: no --timm-python given")
     rows = []
@@ -270,12 +335,23 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             models = {("ours", runtime): entry for runtime, entry in our_exports(spec, quantize, args.runtimes).items()}
             if name and (name, spec["size"]) in timm_record.get("files", {}):
                 models[("timm", "onnxruntime")] = timm_model(timm_record["files"][(name, spec["size"])], quantize)
+            pair = [("ours", "onnxruntime"), ("timm", "onnxruntime")]
             for threads in args.threads:
+                calls, rounds = {}, {}
+                if all(key in models for key in pair):  # ours and timm's take turns (time_onnx_paired)
+                    times = time_onnx_paired([models[k]["model"] for k in pair], threads, args.repeats, args.min_time,
+                                             min_rounds=args.pair_rounds)
+                    calls, rounds = (dict(zip(pair, t)) for t in times)
                 for (impl, runtime), entry in models.items():
                     row = {"model": label(spec), "impl": impl, "runtime": runtime, "family": spec["family"], "alpha": spec.get("alpha"),
                            "variant": spec.get("variant"), "attention": spec["attention"], "size": spec["size"], "quantize": quantize,
                            "threads": threads, "file_MB": len(entry["model"]) / 1e6, "export_s": entry["export_s"]}
-                    row.update(TIMERS[runtime](entry["model"], threads, args.repeats, args.min_time))
+                    if (impl, runtime) in calls:
+                        row.update(_latency(calls[impl, runtime]))
+                        if impl == "timm":
+                            row["paired"] = paired_ratio(rounds[pair[1]], rounds[pair[0]])
+                    else:
+                        row.update(TIMERS[runtime](entry["model"], threads, args.repeats, args.min_time))
                     row["load"] = common.load_average()
                     rows.append(row)
                     print(f"  {row['model']} {impl} {runtime} {spec['size']} {quantize} {threads}t: {row['latency_ms']:.1f} ms", flush=True)
@@ -285,9 +361,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     common.write_table(rows, columns, args.out, "mobile", "Batch-1 latency in LiteRT (XNNPACK) and ONNX Runtime", notes, info)
     ratios = ratio_rows(rows)
     if ratios:
-        common.write_table(ratios, ["model", "size", "quantize", "threads", "ours_ms", "timm_ms", "timm_over_ours"], args.out,
-                           "mobile_vs_timm", "ONNX Runtime: timm's ONNX export over ours (latency ratio, > 1: ours is faster)",
-                           notes[:1] + notes[-1:], info)
+        common.write_table(ratios, ["model", "size", "quantize", "threads", "ours_ms", "timm_ms", "timm_over_ours", "ci95", "pairs"],
+                           args.out, "mobile_vs_timm", "ONNX Runtime: timm's ONNX export over ours (latency ratio, > 1: ours is faster)",
+                           notes[:1] + [PAIRED_NOTE], info)
     plot(rows, f"{args.out}/mobile.png", f"batch 1, {info['cpu_cores']} cores ({info['cpu']})")
     return rows
 

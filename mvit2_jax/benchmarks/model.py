@@ -144,6 +144,33 @@ def wait_for_load(max_load: Optional[float], max_wait_s: float) -> None:
         time.sleep(10)
 
 
+def model_flops(alpha: float, size: int, mode: str) -> float:
+    """FLOPs per image: 2 x the forward multiply-accumulates (convolutions, dense layers and
+    the attention's products, mvit2_jax.stats), x 3 for a training step (forward and the two
+    products of the backward pass)."""
+    from mvit2_jax import stats
+    from mvit2_jax.models import MobileViTv2
+
+    counts = stats.model_stats(MobileViTv2(alpha=alpha), size)
+    return 2.0 * (counts["macs"] + counts["attn_macs"]) * (3 if mode == "train" else 1)
+
+
+def add_flop_rates(rows: Sequence[Dict[str, Any]], peaks: Dict[str, float]) -> None:
+    """Each row's model GFLOP/s (`model_flops` x images/s) and its fraction of the measured
+    matrix-product peak of its dtype (`peaks`: {"float32": GFLOP/s, "bfloat16": GFLOP/s})."""
+    flops: Dict[Any, float] = {}
+    for r in rows:
+        if not r.get("images_per_s"):
+            continue
+        key = (r["alpha"], r["size"], r["mode"])
+        if key not in flops:
+            flops[key] = model_flops(*key)
+        r["GFLOP_s"] = flops[key] * r["images_per_s"] / 1e9
+        peak = peaks.get(r.get("dtype", "float32"))
+        if peak:
+            r["of_matmul_peak"] = r["GFLOP_s"] / peak
+
+
 def ratio_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     out = []
     for r in rows:
@@ -156,6 +183,7 @@ def ratio_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "ours_over_timm": r["images_per_s"] / t[0]["images_per_s"],
                 "ours_first_step_s": r.get("first_step_s"), "timm_first_step_s": t[0].get("first_step_s"),
                 "ours_peak_rss_MiB": r.get("peak_rss_MiB"), "timm_peak_rss_MiB": t[0].get("peak_rss_MiB"),
+                "ours_of_matmul_peak": r.get("of_matmul_peak"), "timm_of_matmul_peak": t[0].get("of_matmul_peak"),
                 "load": max(r.get("load") or 0, t[0].get("load") or 0),
             })
     return out
@@ -228,6 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         parser.error(str(e))
     info = common.machine_info()
     info.update(batch=args.batch, size=args.size, dtype=args.dtype)
+    # The machine's own matrix-product ceilings, in this run (n 2048; --tiny: 256).
+    peaks = {dtype: common.matmul_peak(dtype, *((256, 0.0) if args.tiny else (2048, 3.0))) for dtype in ("float32", "bfloat16")}
+    info.update({f"matmul_{dtype}_GFLOP_s": round(v, 1) for dtype, v in peaks.items()})
     if not args.in_process:
         info["allocator"] = allocator.describe(child_env)
     print(f"model benchmark: {info}", flush=True)
@@ -263,13 +294,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         "has exceeded cores x step_ms on a VM: compare images_per_s, not cpu_ms)"
     )
     notes.append("train: our step also does Mixup/CutMix, label smoothing, gradient clipping and an EMA of the weights; timm's is a plain AdamW step")
-    columns = ["alpha", "impl", "mode", "batch", "size", "dtype", "images_per_s", "step_ms", "min_step_ms", "cpu_ms", "repeats",
-               "first_step_s", "init_s", "peak_rss_MiB", "device_peak_MiB", "load", "error"]
+    notes.append(
+        "GFLOP_s: 2 x the forward multiply-accumulates per image (x 3 in training) x images_per_s; of_matmul_peak: that "
+        "over the n=2048 matrix product of the row's dtype through XLA in this run (info: matmul_*_GFLOP_s)"
+    )
+    add_flop_rates(rows, peaks)
+    columns = ["alpha", "impl", "mode", "batch", "size", "dtype", "images_per_s", "GFLOP_s", "of_matmul_peak", "step_ms", "min_step_ms",
+               "cpu_ms", "repeats", "first_step_s", "init_s", "peak_rss_MiB", "device_peak_MiB", "load", "error"]
     common.write_table(rows, columns, args.out, "model", f"Model throughput at {args.size}x{args.size}, batch {args.batch}", notes, info)
     ratios = ratio_rows(rows)
     if ratios:
-        columns = ["alpha", "mode", "ours_img_s", "timm_img_s", "ours_over_timm", "ours_first_step_s", "timm_first_step_s",
-                   "ours_peak_rss_MiB", "timm_peak_rss_MiB", "load"]
+        columns = ["alpha", "mode", "ours_img_s", "timm_img_s", "ours_over_timm", "ours_of_matmul_peak", "timm_of_matmul_peak",
+                   "ours_first_step_s", "timm_first_step_s", "ours_peak_rss_MiB", "timm_peak_rss_MiB", "load"]
         common.write_table(ratios, columns, args.out, "model_vs_timm", "mvit2_jax / timm images per second", (), info)
     title = f"MobileViTv2 {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {info['backend']} ({info['cpu_cores']} cores)"
     plot(rows, os.path.join(args.out, "model.png"), title)

@@ -130,19 +130,26 @@ def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
     differentiating jnp.dot directly lets XLA fold a transpose into the producer of the
     output gradient, which then writes it transposed, several times slower.
     """
-    return jnp.dot(x, kernel)
+    return _dot(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dot(a: jax.Array, b: jax.Array, dimension_numbers) -> jax.Array:
+    """dot_general accumulating in float32, the result in the operands' dtype: for bfloat16
+    the form XLA:CPU runs on native bfloat16 units (a bfloat16 result takes a path that ran
+    2.2x slower on an AVX512_BF16 EPYC); for float32 the plain product."""
+    return jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 def _pointwise_fwd(x, kernel):
-    return jnp.dot(x, kernel), (x, kernel)
+    return _dot(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), (x, kernel)
 
 
 def _pointwise_bwd(residuals, g):
     x, kernel = residuals
     cin, cout = kernel.shape
-    dkernel = jax.lax.dot_general(x.reshape(-1, cin), g.reshape(-1, cout), (((0,), (0,)), ((), ())))
-    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+    dkernel = _dot(x.reshape(-1, cin), g.reshape(-1, cout).astype(x.dtype), (((0,), (0,)), ((), ())))
+    dx = _dot(g.astype(x.dtype), kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    return dx, dkernel.astype(kernel.dtype)
 
 
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
