@@ -59,13 +59,20 @@ def test_model_tiny_without_timm(tmp_path):
 
 
 def test_model_flops_are_the_papers_multiply_accumulates():
-    from mvit2_jax.benchmarks import common
     from mvit2_jax.models import VARIANTS
 
     infer = model.model_flops(1.0, 256, "infer")
     assert infer == pytest.approx(2 * VARIANTS[1.0].gmacs * 1e9, rel=2e-3)
     assert model.model_flops(1.0, 256, "train") == 3 * infer
-    assert set(common.cpu_features()) <= set(common.CPU_FEATURES)
+
+
+def test_cpu_features_are_read_from_the_flags_line(tmp_path):
+    from mvit2_jax.benchmarks import common
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx512_bf16 fma avx2 avx512f\n")
+    assert common.cpu_features(str(cpuinfo)) == ["avx2", "fma", "avx512f", "avx512_bf16"]  # in CPU_FEATURES' order
+    assert common.cpu_features(str(tmp_path / "missing")) == []
 
 
 @pytest.mark.slow

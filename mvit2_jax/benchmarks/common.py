@@ -72,11 +72,11 @@ def machine_info() -> Dict[str, Any]:
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
-def cpu_features() -> List[str]:
-    """Which of CPU_FEATURES this CPU has (Linux /proc/cpuinfo; [] where unknown): the vector
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> List[str]:
+    """Which of CPU_FEATURES this CPU has (Linux `cpuinfo`; [] where unknown): the vector
     units XLA:CPU and PyTorch pick their kernels by (AVX2 or AVX-512; native bfloat16)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())

@@ -135,13 +135,18 @@ def time_litert(flatbuffer: bytes, threads: int, min_repeats: int, min_time: flo
     return _timed(interpreter.invoke, min_repeats, min_time)
 
 
-def time_onnx(model: bytes, threads: int, min_repeats: int, min_time: float) -> Dict[str, Any]:
+def _onnx_call(model: bytes, threads: int) -> Callable[[], Any]:
+    """One batch-1 inference of an ONNX model on a fixed random input, as a call."""
     from mvit2_jax import export as export_lib
 
     session = export_lib.onnx_session(model, threads)
     (source,) = session.get_inputs()
     feed = {source.name: np.random.default_rng(1).random(source.shape, np.float32)}
-    return _timed(lambda: session.run(None, feed), min_repeats, min_time)
+    return functools.partial(session.run, None, feed)
+
+
+def time_onnx(model: bytes, threads: int, min_repeats: int, min_time: float) -> Dict[str, Any]:
+    return _timed(_onnx_call(model, threads), min_repeats, min_time)
 
 
 TIMERS = {"litert": time_litert, "onnxruntime": time_onnx}
@@ -155,15 +160,9 @@ def time_onnx_paired(models: Sequence[bytes], threads: int, min_repeats: int, mi
     model's worker threads may still be spinning on the cores), then times calls for
     `block_time` s (at least 2). At least `min_repeats` timed calls, `min_rounds` rounds and
     `min_time` s per model."""
-    from mvit2_jax import export as export_lib
-
-    runs = []
-    for model in models:
-        session = export_lib.onnx_session(model, threads)
-        (source,) = session.get_inputs()
-        feed = {source.name: np.random.default_rng(1).random(source.shape, np.float32)}
-        session.run(None, feed)  # warm-up
-        runs.append(functools.partial(session.run, None, feed))
+    runs = [_onnx_call(model, threads) for model in models]
+    for run in runs:
+        run()  # warm-up (onnxruntime plans its memory on the first call)
     calls: List[List[float]] = [[] for _ in models]
     rounds: List[List[float]] = [[] for _ in models]
     while len(calls[0]) < min_repeats or len(rounds[0]) < min_rounds or sum(map(sum, calls)) < min_time * len(models):
