@@ -20,6 +20,7 @@ from mvit2_jax.models import (
     attention_factory,
     widths_for,
 )
+from mvit2_jax.models import kernels as cpu_kernels
 from mvit2_jax.models.kernels import batch_norm_act_train, pointwise
 from mvit2_jax.models.layers import Conv, ConvBN, align_corners_matrix, resize_bilinear_align_corners
 from mvit2_jax.models.mobilevitv2 import fold, unfold
@@ -268,6 +269,28 @@ def test_cpu_depthwise_kernel_has_the_library_gradients(stride, dilation):
     np.testing.assert_allclose(g_cpu[0], g_lib[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("stride, dilation, cin", [(2, 1, 3), (1, 1, 3), (1, 2, 5), (2, 2, 7)])
+def test_cpu_patch_conv_has_the_library_values_and_gradients(stride, dilation, cin):
+    """Full convs over few input channels (the stems: 3x3 stride 2 over RGB) run on the CPU
+    path as one matrix product of their patches: same outputs and gradients as the library conv."""
+    x = jax.random.normal(jax.random.key(21), (2, 11, 10, cin))
+    conv = Conv(16, 3, stride, 1, dilation, kernels="cpu")
+    kernel = conv.init(jax.random.key(22), x)["params"]["kernel"]
+    assert 9 * cin <= cpu_kernels.PATCH_CONV_MAX_FEATURES
+    assert "custom_vjp_call[" in str(jax.make_jaxpr(lambda x: conv.apply({"params": {"kernel": kernel}}, x))(x))
+
+    def loss(kernel, x, conv):
+        return jnp.sum(jnp.sin(conv(x, kernel)))
+
+    cpu = lambda x, kernel: conv.apply({"params": {"kernel": kernel}}, x)  # noqa: E731
+    lib = lambda x, kernel: library_conv(x, kernel, stride, dilation, 1)  # noqa: E731
+    np.testing.assert_allclose(cpu(x, kernel), lib(x, kernel), atol=1e-5)
+    g_cpu = jax.grad(loss, argnums=(0, 1))(kernel, x, cpu)
+    g_lib = jax.grad(loss, argnums=(0, 1))(kernel, x, lib)
+    np.testing.assert_allclose(g_cpu[1], g_lib[1], atol=1e-5)
+    np.testing.assert_allclose(g_cpu[0], g_lib[0], atol=1e-4)
+
+
 @pytest.mark.parametrize("act", [True, False])
 def test_fused_batch_norm_equals_flax_batch_norm(act):
     """The CPU path's BatchNormAct (hand-written backward) against nn.BatchNorm + nn.silu:
@@ -445,8 +468,8 @@ def test_one_kernel_switch_for_every_layer():
     cpu = custom_kernels_in(MobileViTv2(alpha=0.5, num_classes=10, kernels="cpu"))
     # 9 depthwise convs (6 MV2 blocks, 3 MobileViTv2 blocks), 18 1x1 convs (2 per MV2 block,
     # 2 per MobileViTv2 block), 9 x 4 transformer dense layers and the head, 25 BatchNorms
-    # (every ConvBN); the stem's full 3x3 conv has no CPU kernel.
-    assert cpu == 9 + 18 + (9 * 4 + 1) + 25
+    # (every ConvBN), and the stem's full 3x3 conv as one product of patches.
+    assert cpu == 9 + 18 + (9 * 4 + 1) + 25 + 1
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION))

@@ -14,7 +14,9 @@ median step time after warm-up.
 
 With --timm-python (a Python that has torch and timm), timm's mobilevitv2_* runs on the same
 machine at the same batch size and resolution through timm_bench.py, in its best eager
-setting (channels_last; torch.inference_mode for inference; AdamW training step; OpenMP with
+setting (channels_last; torch.inference_mode for inference; in training the same recipe as
+ours through timm's own Mixup, SoftTargetCrossEntropy, clip_grad_norm_ and ModelEmaV3, or a
+bare AdamW step with --timm-recipe plain; OpenMP with
 OMP_DYNAMIC=FALSE so that it keeps every core under load), and the
 table gives the ratio ours / timm. Both run under the same host allocator, chosen by
 MVIT2_ALLOCATOR as for every program of this package (see mvit2_jax.allocator; it changes
@@ -109,12 +111,15 @@ def run_timm(python: str, spec: Dict[str, Any], env: Dict[str, str]) -> Dict[str
     cmd = [
         python, TIMM_SCRIPT, "--model", TIMM_NAMES[alpha], "--mode", spec["mode"], "--batch", str(spec["batch"]),
         "--size", str(spec["size"]), "--repeats", str(spec["repeats"]), "--min-time", str(spec["min_time"]),
+        "--recipe", spec.get("timm_recipe", "paper"),
     ]
     out = _run_json(cmd, spec, env, prefix="")
     if "error" in out:
         return out
     return {
-        "alpha": alpha, "impl": f"timm {out['timm']} (torch {out['torch']}, {out['memory_format']}, {out['threads']} threads)",
+        "alpha": alpha,
+        "impl": f"timm {out['timm']} (torch {out['torch']}, {out['memory_format']}, {out['threads']} threads"
+        + (f", {out['recipe']} step)" if out.get("recipe") else ")"),
         "mode": spec["mode"], "batch": spec["batch"], "size": spec["size"], "dtype": "float32",
         "first_step_s": out["first_step_s"], "step_ms": out["step_ms"], "min_step_ms": out["min_step_ms"], "cpu_ms": out["cpu_ms"],
         "repeats": out["repeats"], "load": out["load"], "images_per_s": out["images_per_s"],
@@ -227,6 +232,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     parser.add_argument("--config", default="experiments/base.py", help="experiment file with get_config(alpha=...)")
     parser.add_argument("--timm-python", default=None, help="a Python with torch and timm; skipped if absent")
     parser.add_argument("--timm-alphas", type=float, nargs="+", default=None, help="widths to run timm for (default: all)")
+    parser.add_argument(
+        "--timm-recipe", choices=("paper", "plain"), default="paper",
+        help="timm's training step: the same recipe as ours (Mixup/CutMix, smoothing, clipping, EMA) or a bare AdamW step",
+    )
     parser.add_argument("--in-process", action="store_true", help="measure in this process (peak RSS is then cumulative)")
     parser.add_argument("--wait-for-load", type=float, default=None, help="before each measurement wait until load < this")
     parser.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for the load at most")
@@ -267,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         for mode in args.modes:
             spec = dict(
                 alpha=alpha, mode=mode, batch=args.batch, size=args.size, dtype=args.dtype, repeats=args.repeats,
-                min_time=args.min_time, config=args.config, real_init=not args.tiny,
+                min_time=args.min_time, config=args.config, real_init=not args.tiny, timm_recipe=args.timm_recipe,
             )
             wait_for_load(args.wait_for_load, args.max_wait)
             row = run_ours(spec) if args.in_process else run_isolated(spec, child_env)
@@ -293,7 +302,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         "cpu_ms: mean process CPU time (all threads) per timed step, as the OS reports it (in our train rows it "
         "has exceeded cores x step_ms on a VM: compare images_per_s, not cpu_ms)"
     )
-    notes.append("train: our step also does Mixup/CutMix, label smoothing, gradient clipping and an EMA of the weights; timm's is a plain AdamW step")
+    notes.append(
+        "train: our step does AdamW with Mixup/CutMix, label smoothing, gradient clipping and an EMA of the weights; "
+        + ("timm's does the same with timm's own Mixup, SoftTargetCrossEntropy, clip_grad_norm_ and ModelEmaV3 (--timm-recipe paper)"
+           if args.timm_recipe == "paper" else "timm's is a bare AdamW step (--timm-recipe plain)")
+    )
     notes.append(
         "GFLOP_s: 2 x the forward multiply-accumulates per image (x 3 in training) x images_per_s; of_matmul_peak: that "
         "over the n=2048 matrix product of the row's dtype through XLA in this run (info: matmul_*_GFLOP_s)"

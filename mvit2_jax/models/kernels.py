@@ -1,9 +1,10 @@
 """CPU kernels: the same functions as library ops, written so that XLA:CPU runs them fast.
 
-XLA:CPU runs grouped (depthwise) and 1x1 convolutions far slower than the same arithmetic
-written as shifted multiply-adds and matrix products, and differentiates the memory-bound
-BatchNorm into several full-size intermediates. Each function here has a hand-written
-backward pass; tests/test_models.py checks values and gradients against the library ops.
+XLA:CPU runs grouped (depthwise), 1x1 and few-channel full convolutions far slower than the
+same arithmetic written as shifted multiply-adds and matrix products, and differentiates the
+memory-bound BatchNorm into several full-size intermediates. The functions here have
+hand-written backward passes (`patch_conv` differentiates through `pointwise`'s);
+tests/test_models.py checks values and gradients against the library ops.
 They are chosen by the `kernels` switch of mvit2_jax.models.layers ("cpu"); GPUs, TPUs and
 exported graphs use the library ops ("portable").
 """
@@ -161,6 +162,42 @@ def pointwise_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred
     if tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and rhs.ndim == 2 and precision is None:
         return pointwise(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
+
+
+# ----------------------------------------------------------------------------- full conv, few inputs
+
+
+# Largest k*k*C_in that `patch_conv` takes: the stems (3x3 over RGB: 27). Its patch matrix is
+# k*k times the input; for wide inputs the library convolution is the better trade.
+PATCH_CONV_MAX_FEATURES = 64
+
+
+def patch_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, dilation: int) -> jax.Array:
+    """A full conv (NHWC, HWIO kernel [k, k, C_in, C_out]) as one matrix product of its patches.
+
+    The k*k shifted (strided, dilated) slices of the padded input are concatenated over the
+    channel axis in the kernel's (row, column, channel) order and multiplied by the kernel
+    reshaped to [k*k*C_in, C_out] through `pointwise`. XLA:CPU runs the stem's 3x3 stride-2
+    conv over RGB (C_in = 3) at about a tenth of its matrix-product speed; as one product of
+    27 features it takes about half the time. Gradients by differentiation of the slices and
+    `pointwise`'s backward.
+    """
+    k = kernel.shape[0]
+    xp = _pad_hw(x, pad)
+    reach = (k - 1) * dilation
+    out_h = (xp.shape[1] - reach - 1) // stride + 1
+    out_w = (xp.shape[2] - reach - 1) // stride + 1
+    patches = [
+        jax.lax.slice(
+            xp,
+            (0, i * dilation, j * dilation, 0),
+            (xp.shape[0], i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, xp.shape[3]),
+            (1, stride, stride, 1),
+        )
+        for i in range(k)
+        for j in range(k)
+    ]
+    return pointwise(jnp.concatenate(patches, axis=-1), kernel.reshape(-1, kernel.shape[-1]))
 
 
 # ----------------------------------------------------------------------------- BatchNorm + SiLU

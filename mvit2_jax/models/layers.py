@@ -7,7 +7,7 @@ nn.BatchNorm's variables). One switch, `kernels`, picks how every layer computes
   path on GPUs and TPUs, and the one export needs; any backend can choose it.
 - "cpu": the hand-written kernels of mvit2_jax.models.kernels (depthwise convolutions as
   shifted multiply-adds, 1x1 convolutions and dense layers as matrix products with a copy-free
-  backward, training-mode BatchNorm+SiLU that recomputes instead of storing), which XLA:CPU
+  backward, full convolutions over few input channels (the stems) as one product of patches, training-mode BatchNorm+SiLU that recomputes instead of storing), which XLA:CPU
   runs several times faster. Same functions, same variables.
 - "auto": "cpu" on the CPU backend, "portable" elsewhere.
 
@@ -113,6 +113,8 @@ class Conv(nn.Module):
             y = cpu_kernels.pointwise(x, kernel[0, 0]) if cpu else pointwise_conv(x, kernel[0, 0])
         elif cpu and self.groups == cin == self.features:
             y = cpu_kernels.depthwise_conv(x, kernel, self.strides, pad, d)
+        elif cpu and self.groups == 1 and k * k * cin <= cpu_kernels.PATCH_CONV_MAX_FEATURES:
+            y = cpu_kernels.patch_conv(x, kernel, self.strides, pad, d)
         else:
             y = jax.lax.conv_general_dilated(
                 x,
