@@ -99,3 +99,24 @@ def test_no_test_module_imports_another():
     tests = {p.stem for p in (ROOT / "tests").glob("test_*.py")} | {"conftest"}
     for path in (ROOT / "tests").rglob("*.py"):
         assert not {m.split(".")[0] for m in imports_of(path)} & tests, path
+
+
+def test_the_models_train_step_and_benchmarks_import_without_tensorflow():
+    """TensorFlow (tf.data, TFDS, the TensorBoard writer) costs about 4 s and 0.6 GB on import:
+    the model, the task hooks, the compiled steps and the train-step benchmark load without it;
+    a training run imports it when it reads its data or opens its writer."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mvit2_jax import train, tasks, models, load_model; "
+        "from mvit2_jax.benchmarks import train_step, model; "
+        "tasks.get('classification'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    # and a run's data does import it
+    code = "import sys; from mvit2_jax.data import sources; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"

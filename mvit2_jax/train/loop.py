@@ -15,12 +15,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mvit2_jax import checkpoint, hub, tasks
-from mvit2_jax.data import sources
 from mvit2_jax.errors import DataError
 from mvit2_jax.tasks.base import Task
 from mvit2_jax.train import checks
@@ -41,6 +40,8 @@ def check_run(config: Config) -> Task:
 
 
 def num_train_steps(config: Config) -> int:
+    from mvit2_jax.data import sources  # TensorFlow: imported when a run needs its data
+
     spec = sources.DatasetSpec.from_config(config.data)
     n = sources.num_examples(spec, config.data.train_split)
     per_epoch = sources.steps_per_epoch(n, config.batch_size)
@@ -74,6 +75,8 @@ def evaluate(
     batches = prefetch(steps.task.eval_input(config, split), sharding, config.prefetch)
     if progress and jax.process_index() == 0:
         import tqdm
+
+        from mvit2_jax.data import sources
 
         spec = sources.DatasetSpec.from_config(config.data)
         n = sources.eval_steps(
@@ -156,6 +159,8 @@ def train_and_evaluate(config: Config, workdir: str, stop_after_steps: Optional[
 
 
 def _train_loop(config: Config, task: Task, workdir: str, num_steps: int, stop_after_steps: Optional[int]) -> Dict[str, float]:
+    from clu import metric_writers, periodic_actions  # import TensorFlow (its summary writer)
+
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     steps = compile_steps(config, task, num_steps)
     meta = run_meta(config, task)
