@@ -72,16 +72,8 @@ def main():
     else:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-        if args.recipe == "plain":
-            loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(images), labels)
-                loss.backward()
-                opt.step()
-
-        else:
+        paper = args.recipe == "paper"
+        if paper:
             from timm.data import Mixup
             from timm.loss import SoftTargetCrossEntropy
             from timm.utils import ModelEmaV3
@@ -89,14 +81,17 @@ def main():
             mixup = Mixup(mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)
             loss_fn = SoftTargetCrossEntropy()
             ema = ModelEmaV3(model, decay=0.9995)
+        else:
+            loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
-            def step():
-                x, y = mixup(images.clone(), labels)  # Mixup mixes in place
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()
+        def step():
+            x, y = mixup(images.clone(), labels) if paper else (images, labels)  # Mixup mixes in place
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            if paper:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                opt.step()
+            opt.step()
+            if paper:
                 ema.update(model)
 
     t0 = time.perf_counter()

@@ -22,24 +22,29 @@ import jax.numpy as jnp
 # ----------------------------------------------------------------------------- depthwise conv
 
 
-def _depthwise_forward(xp: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> jax.Array:
-    """Depthwise conv of the padded input as a sum of k*k shifted multiply-adds (NHWC, kernel [k, k, 1, C])."""
-    k = kernel.shape[0]
+def _windows(xp: jax.Array, k: int, stride: int, dilation: int):
+    """The k*k shifted (strided, dilated) views of the padded NHWC input that a k x k conv
+    reads, in (row, column) order: tap (i, j) is what kernel[i, j] multiplies."""
     reach = (k - 1) * dilation
     out_h = (xp.shape[1] - reach - 1) // stride + 1
     out_w = (xp.shape[2] - reach - 1) // stride + 1
-    out = None
     for i in range(k):
         for j in range(k):
             top, left = i * dilation, j * dilation
-            patch = jax.lax.slice(
+            yield i, j, jax.lax.slice(
                 xp,
                 (0, top, left, 0),
                 (xp.shape[0], top + (out_h - 1) * stride + 1, left + (out_w - 1) * stride + 1, xp.shape[3]),
                 (1, stride, stride, 1),
             )
-            term = patch * kernel[i, j, 0]
-            out = term if out is None else out + term
+
+
+def _depthwise_forward(xp: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> jax.Array:
+    """Depthwise conv of the padded input as a sum of k*k shifted multiply-adds (NHWC, kernel [k, k, 1, C])."""
+    out = None
+    for i, j, patch in _windows(xp, kernel.shape[0], stride, dilation):
+        term = patch * kernel[i, j, 0]
+        out = term if out is None else out + term
     return out
 
 
@@ -182,21 +187,7 @@ def patch_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, dilation:
     27 features it takes about half the time. Gradients by differentiation of the slices and
     `pointwise`'s backward.
     """
-    k = kernel.shape[0]
-    xp = _pad_hw(x, pad)
-    reach = (k - 1) * dilation
-    out_h = (xp.shape[1] - reach - 1) // stride + 1
-    out_w = (xp.shape[2] - reach - 1) // stride + 1
-    patches = [
-        jax.lax.slice(
-            xp,
-            (0, i * dilation, j * dilation, 0),
-            (xp.shape[0], i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, xp.shape[3]),
-            (1, stride, stride, 1),
-        )
-        for i in range(k)
-        for j in range(k)
-    ]
+    patches = [patch for _, _, patch in _windows(_pad_hw(x, pad), kernel.shape[0], stride, dilation)]
     return pointwise(jnp.concatenate(patches, axis=-1), kernel.reshape(-1, kernel.shape[-1]))
 
 

@@ -7,8 +7,9 @@ nn.BatchNorm's variables). One switch, `kernels`, picks how every layer computes
   path on GPUs and TPUs, and the one export needs; any backend can choose it.
 - "cpu": the hand-written kernels of mvit2_jax.models.kernels (depthwise convolutions as
   shifted multiply-adds, 1x1 convolutions and dense layers as matrix products with a copy-free
-  backward, full convolutions over few input channels (the stems) as one product of patches, training-mode BatchNorm+SiLU that recomputes instead of storing), which XLA:CPU
-  runs several times faster. Same functions, same variables.
+  backward, full convolutions over few input channels (the stems) as one product of patches,
+  training-mode BatchNorm+SiLU that recomputes instead of storing), which XLA:CPU runs several
+  times faster. Same functions, same variables.
 - "auto": "cpu" on the CPU backend, "portable" elsewhere.
 
 GroupNorm, LayerNorm and the bilinear resizes have one implementation, library ops, on every path.
