@@ -103,15 +103,18 @@ def test_no_test_module_imports_another():
 
 def test_the_models_train_step_and_benchmarks_import_without_tensorflow():
     """TensorFlow (tf.data, TFDS, the TensorBoard writer) costs about 4 s and 0.6 GB on import:
-    the model, the task hooks, the compiled steps and the train-step benchmark load without it;
+    the model, the task hooks, the compiled steps and the train-step benchmark load, and the
+    train step (Mixup from mvit2_jax.data) traces, without it;
     a training run imports it when it reads its data or opens its writer."""
     import subprocess
     import sys
 
     code = (
-        "import sys; from mvit2_jax import train, tasks, models, load_model; "
+        "import sys, jax; from mvit2_jax import train, tasks, models, load_model; "
         "from mvit2_jax.benchmarks import train_step, model; "
-        "tasks.get('classification'); "
+        "from experiments import quickstart; c = quickstart.get_config(); c.model.alpha = 0.1; c.data.image_size = 32; "
+        "s = train.compile_steps(c, tasks.get(c.task), 4); "
+        "jax.eval_shape(s.train, jax.eval_shape(s.init), train_step.synthetic_batch(s, c, 2)); "  # traced, as before a compile
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

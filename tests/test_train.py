@@ -241,10 +241,21 @@ def test_the_reference_run_learns_and_records_what_load_model_needs(reference_ru
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("reference")
-def test_resume_equals_uninterrupted_run(reference_run, reference_config, tmp_path):
+def test_resume_equals_uninterrupted_run(reference_run, reference_config, tmp_path, monkeypatch):
     """N steps equal N/2 + N/4 + N/4, bit for bit (raw and EMA weights): the reference run's
-    own checkpoint at step 44, resumed for 22 steps (stop_after_steps), resumed to the end."""
+    own checkpoint at step 44, resumed for 22 steps (stop_after_steps), resumed to the end.
+    On the CPU the loop waits for every step before it dispatches the next (a queued step
+    holds its own temporaries on fresh pages: twice the time and memory)."""
     import shutil
+
+    finished = []
+    wait = jax.block_until_ready
+
+    def spy(x):
+        finished.extend([int(x.step)] if isinstance(x, train.TrainState) else [])
+        return wait(x)
+
+    monkeypatch.setattr(jax, "block_until_ready", spy)
 
     reference, _ = reference_run
     workdir = tmp_path / "resumed"
@@ -254,6 +265,7 @@ def test_resume_equals_uninterrupted_run(reference_run, reference_config, tmp_pa
     assert read_config(str(workdir))[1] == 44
     train.train_and_evaluate(reference_config(), str(workdir), stop_after_steps=22)
     assert read_config(str(workdir))[1] == 66
+    assert finished == list(range(45, 67))
     train.train_and_evaluate(reference_config(), str(workdir))
     assert read_config(str(workdir))[1] == 88
     for ema in (False, True):

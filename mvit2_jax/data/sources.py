@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mvit2_jax.data import coco_folder, folder, mask_folder
+from mvit2_jax.data import digit_boxes, digit_scenes, digits, seg_datasets  # noqa: F401  (register the built-in builders)
 from mvit2_jax.data.folder import FolderOptions
 from mvit2_jax.errors import DataError
 
