@@ -186,8 +186,8 @@ def _train_loop(config: Config, task: Task, workdir: str, num_steps: int, stop_a
     history, t_log, eval_metrics, step = [], time.time(), {}, start
     # XLA:CPU allocates a step's temporaries when the step is dispatched: steps queued behind a
     # running one each hold their own (3 GiB at alpha 1.0, batch 16, 256x256) on fresh pages.
-    # Dispatched ahead, 8 steps there took 5.2-5.5 s each and 17 GB; one at a time 2.3-2.9 s and
-    # 4.5-5.2 GB. On the CPU a step runs on all cores, so waiting for it costs nothing.
+    # Dispatched ahead, 8 steps there took 4.2-5.5 s each with a peak RSS of 11-17 GB; one at a
+    # time 2.5 s. On the CPU a step runs on all cores, so waiting for it costs nothing.
     one_at_a_time = all(d.platform == "cpu" for d in steps.mesh.devices.flat)
     if start >= num_steps:
         logging.info("The run in %s is complete (step %d of %d): evaluating only", workdir, start, num_steps)
