@@ -55,28 +55,4 @@ def __dir__() -> list:
     return sorted(set(globals()) | set(_MODULES))
 
 
-__all__ = [
-    "BadImageError",
-    "DatasetLike",
-    "DatasetNotPreparedError",
-    "DatasetSpec",
-    "FolderError",
-    "FolderOptions",
-    "TrainAugmentation",
-    "as_numpy",
-    "check_split",
-    "class_names",
-    "eval_image",
-    "eval_pass",
-    "eval_steps",
-    "get_builder",
-    "is_folder_dataset",
-    "labeled_eval_pass",
-    "labeled_train_stream",
-    "load_split",
-    "num_examples",
-    "skipped_files",
-    "steps_per_epoch",
-    "train_image",
-    "train_stream",
-]
+__all__ = sorted(_MODULES)
