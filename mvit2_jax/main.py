@@ -65,6 +65,7 @@ def main(argv):
     from mvit2_jax import compile_cache
 
     cache_dir = compile_cache.enable(FLAGS.compilation_cache)
+    allocator.run_cpu_computations_inline()  # one step's temporaries at a time on the CPU
     _init_distributed()
     import jax
 

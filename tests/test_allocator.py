@@ -1,5 +1,6 @@
 """The fast-allocator choice of the command-line programs (mvit2_jax.allocator)."""
 
+import json
 import subprocess
 import sys
 
@@ -65,3 +66,66 @@ def test_program_restarts_once_with_the_setting(tmp_path, subprocess_env):
     env["MVIT2_ALLOCATOR"] = "nonsense"
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: MVIT2_ALLOCATOR='nonsense': use one of auto, tcmalloc, glibc, system"]
+
+
+HEAP_SCRIPT = """
+import ctypes, json
+from mvit2_jax import allocator
+allocator.run_cpu_computations_inline()  # before JAX's first use, as the programs do
+import jax, jax.numpy as jnp
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) >> 10  # MiB
+used = lambda: libc.mallinfo2().uordblks >> 20
+
+# 512 MiB freed in the middle of the heap: the tunables keep it resident...
+block = libc.malloc(512 << 20)
+ctypes.memset(block, 1, 512 << 20)
+guard = libc.malloc(1 << 20)
+libc.free(block)
+out = {"registered": allocator.release_after_compiles(), "rss_freed": rss()}
+# ... until the next compile is over.
+f = jax.jit(lambda x: jnp.cumsum(x, 0) * jnp.cumsum(x, 1) + 1.0)
+x = jax.block_until_ready(jnp.ones((4096, 4096)))
+out["temp"] = f.lower(x).compile().memory_analysis().temp_size_in_bytes >> 20
+out["rss_compiled"] = rss()
+# Calls return with their temporaries freed (asynchronous dispatch frees them on a pool
+# thread after the outputs are ready, so they would often still be held here).
+held = []
+for _ in range(5):
+    base = used()
+    y = jax.block_until_ready(f(x))
+    held.append(used() - base - (y.nbytes >> 20))
+    del y
+y = f(x)
+out["held_after_call"] = max(held)
+out["value"] = float(y[1, 2])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_compiles_hand_freed_memory_back_and_calls_free_their_temporaries(subprocess_env):
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("MVIT2_ALLOCATOR")}
+    env.update(GLIBC_TUNABLES=allocator.GLIBC_TUNABLES, **{allocator.APPLIED_VAR: "glibc"})
+    proc = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["registered"] and out["value"] == 2 * 3 + 1.0
+    assert out["rss_freed"] - out["rss_compiled"] >= 400, out  # the freed 512 MiB went back
+    assert out["temp"] >= 60 and out["held_after_call"] < out["temp"] // 4, out
+
+
+def test_compiles_release_memory_only_under_the_glibc_tunables(monkeypatch):
+    # glibc's default trims by itself and tcmalloc keeps its own pages: nothing to register.
+    monkeypatch.setattr(allocator, "_release_registered", False)
+    for environ in ({}, {allocator.APPLIED_VAR: "tcmalloc"}, {"MVIT2_ALLOCATOR": "glibc"}):
+        assert allocator.release_after_compiles(environ) is False
+    assert allocator._release_registered is False

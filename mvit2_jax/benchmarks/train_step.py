@@ -144,4 +144,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 if __name__ == "__main__":
     allocator.maybe_reexec()
+    allocator.run_cpu_computations_inline()  # as `python -m mvit2_jax.main` runs
     main()

@@ -188,6 +188,8 @@ def _train_loop(config: Config, task: Task, workdir: str, num_steps: int, stop_a
     # running one each hold their own (3 GiB at alpha 1.0, batch 16, 256x256) on fresh pages.
     # Dispatched ahead, 8 steps there took 4.2-5.5 s each with a peak RSS of 11-17 GB; one at a
     # time 2.5 s. On the CPU a step runs on all cores, so waiting for it costs nothing.
+    # `python -m mvit2_jax.main` also runs CPU calls inline (allocator.run_cpu_computations_inline),
+    # where the wait is already done; it matters where JAX dispatches asynchronously (notebooks).
     one_at_a_time = all(d.platform == "cpu" for d in steps.mesh.devices.flat)
     if start >= num_steps:
         logging.info("The run in %s is complete (step %d of %d): evaluating only", workdir, start, num_steps)

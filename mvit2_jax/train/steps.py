@@ -16,6 +16,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mvit2_jax import allocator
 from mvit2_jax.tasks.base import Task
 from mvit2_jax.train.optim import create_optimizer, learning_rate_schedule
 from mvit2_jax.train.runtime import make_mesh
@@ -156,6 +157,7 @@ def compile_steps(
     the same process (resuming, evaluating, a notebook cell run twice) neither traces nor
     compiles them again; configs that differ only in LOOP_ONLY_FIELDS share them.
     """
+    allocator.release_after_compiles()  # the compiler's freed memory back to the OS
     mesh = mesh or make_mesh()
     key = _compile_key(config, task, num_steps, mesh)
     if key in _COMPILED:
