@@ -21,7 +21,7 @@ import copy
 import functools
 import os
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -204,7 +204,8 @@ def train_manager(
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=True, read_only=read_only, create=not read_only
     )
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_SUBDIR), options=options)
+    handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()}  # item_metadata reads them
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_SUBDIR), options=options, item_handlers=handlers)
 
 
 def save_state(
@@ -215,19 +216,41 @@ def save_state(
     mngr.save(step, args=args, metrics=metrics, force=force)
 
 
-def restore_state(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None) -> Optional[Any]:
+def restore_state(
+    mngr: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None, upgrade: Optional[Callable[[Any], Any]] = None
+) -> Optional[Any]:
     """The newest readable train state (or that of `step`), laid out as `abstract_state`;
-    unreadable checkpoints are moved aside with a warning. None if there is none."""
-    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+    unreadable checkpoints are moved aside with a warning. None if there is none.
+
+    `upgrade(saved)`, given a checkpoint's saved tree metadata, returns None for today's layout,
+    or (restore target, convert) for an earlier one: the checkpoint is read as it was written
+    and `convert` makes today's state of it (nothing on disk is rewritten).
+    """
+
+    def read(candidate: int) -> Tuple[Any, Callable[[Any], Any]]:
+        earlier = upgrade(mngr.item_metadata(candidate)[STATE_ITEM]) if upgrade is not None else None
+        target, convert = earlier if earlier is not None else (abstract_state, None)
+        tree = mngr.restore(candidate, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+        return tree, convert
+
+    def converted(candidate: int, tree: Any, convert: Optional[Callable[[Any], Any]]) -> Any:
+        if convert is None:
+            return tree
+        # Outside the read's error handling: a failing conversion is a bug, not a bad file.
+        logging.info("Checkpoint %d was written with an earlier layout of the train state: converted on reading", candidate)
+        return convert(tree)
+
     if step is not None:
-        return mngr.restore(step, args=args)[STATE_ITEM]
+        return converted(step, *read(step))
     for candidate in sorted(mngr.all_steps(), reverse=True):
         try:
-            return mngr.restore(candidate, args=args)[STATE_ITEM]
+            tree, convert = read(candidate)
         except Exception as e:  # a truncated, deleted or half-written file: any read error
             moved = quarantine(mngr, candidate)
             logging.warning("Checkpoint %d is unreadable (%s: %s); moved it to %s and trying the previous one",
                             candidate, type(e).__name__, str(e).splitlines()[0][:200], moved)
+            continue
+        return converted(candidate, tree, convert)
     return None
 
 

@@ -9,7 +9,8 @@ of another version or machine is never loaded; with a size limit set (here 4 GiB
 recently used entries evicted) JAX takes a file lock around every read and write, so
 several processes (a multi-process run, parallel jobs) share one directory safely.
 `--compilation_cache=off` (main) or `MVIT2_COMPILATION_CACHE=off` turns it off; a path there
-chooses another directory. Programs that compile in under a second are not stored.
+chooses another directory. Without either, JAX's own `JAX_ENABLE_COMPILATION_CACHE=false` turns
+it off too (launch/local.sh sets it). Programs that compile in under a second are not stored.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ def default_dir() -> str:
 
 def enable(setting: Optional[str] = None) -> Optional[str]:
     """Turn the cache on as `setting` says ("on", "off" or a directory; None: $MVIT2_COMPILATION_CACHE,
-    default "on"); returns the directory in use, or None when off."""
+    else off where $JAX_ENABLE_COMPILATION_CACHE is false, else "on"); returns the directory in
+    use, or None when off."""
     import jax
 
-    setting = (os.environ.get(ENV, "on") if setting is None else setting).strip()
+    if setting is None:
+        jax_setting = os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "").strip().lower()
+        setting = os.environ.get(ENV, "off" if jax_setting in OFF and jax_setting else "on")
+    setting = setting.strip()
     if setting.lower() in OFF:
         jax.config.update("jax_enable_compilation_cache", False)
         return None

@@ -31,8 +31,8 @@ flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of pr
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 flags.DEFINE_string("cpu_collectives", "gloo", "CPU multi-process collectives implementation")
-flags.DEFINE_string("compilation_cache", "on", "the persistent XLA compilation cache: on (~/.cache/mvit2_jax/xla), off, "
-                    "or a directory (see mvit2_jax.compile_cache)")
+flags.DEFINE_string("compilation_cache", None, "the persistent XLA compilation cache: on (~/.cache/mvit2_jax/xla), off, "
+                    "or a directory (default: $MVIT2_COMPILATION_CACHE, else on; see mvit2_jax.compile_cache)")
 flags.mark_flags_as_required(["config"])
 
 

@@ -42,5 +42,8 @@ def test_a_second_run_loads_what_the_first_compiled_and_off_turns_it_off(tmp_pat
     entries = sorted(os.listdir(directory))
     off = run(MVIT2_COMPILATION_CACHE="off")
     assert off["dir"] is None and off["hits"] == off["misses"] == 0 and sorted(os.listdir(directory)) == entries
+    jax_off = run(JAX_ENABLE_COMPILATION_CACHE="false")  # what launch/local.sh sets
+    assert jax_off["dir"] is None and jax_off["hits"] == jax_off["misses"] == 0
+    assert run(JAX_ENABLE_COMPILATION_CACHE="false", MVIT2_COMPILATION_CACHE="on")["hits"] >= 1  # ours decides where both are set
     elsewhere = run(str(tmp_path / "mine"))
     assert elsewhere["dir"] == str(tmp_path / "mine") and elsewhere["misses"] >= 1 and os.listdir(tmp_path / "mine")

@@ -210,6 +210,7 @@ def test_local_sh_two_processes_train_as_one(tmp_path, subprocess_env):
     assert [m.group(1) for m in sums] == ["0", "1"]
     assert sums[0].group(2) == sums[1].group(2)
     assert "4 global devices" in logs[0] and "4 global devices" in logs[1]
+    assert all("compilation cache: off" in log for log in logs)  # local.sh's JAX_ENABLE_COMPILATION_CACHE=false holds
     assert "top1=" in logs[0]  # process 0 prints the final metrics
     assert (workdir / "checkpoints" / "2").is_dir()
     _, variables = load_model(str(workdir), ema=False)  # saved over 4 devices of 2 processes

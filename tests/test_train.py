@@ -121,6 +121,79 @@ def test_frozen_and_slower_backbone(small_config):
     np.testing.assert_allclose(updates["slow"]["head"]["kernel"], updates["plain"]["head"]["kernel"])
 
 
+@pytest.mark.parametrize("name, freeze, backbone_scale, clip", [("adamw", False, 1.0, 1.0), ("sgd", False, 0.1, 0.0), ("adamw", True, 1.0, 10.0)])
+def test_raveled_optimizer_equals_optax_per_tensor(small_config, name, freeze, backbone_scale, clip):
+    """The engine's optimizer (all parameters as one vector, decay and group scales per element)
+    against the same optimizer per tensor (optax's masks and multi_transform), over 4 steps that
+    clip (norms about 5 against a limit of 1), decay kernels only, and warm up the rate."""
+    rng = np.random.default_rng(0)
+    shapes = {"head": {"kernel": (6, 3), "bias": (3,)}, "stem": {"conv": {"kernel": (3, 3, 2, 6)}, "bn": {"scale": (6,), "bias": (6,)}}}
+    params = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes, is_leaf=lambda s: isinstance(s, tuple))
+    config = small_config()
+    config.optim.update(name=name, weight_decay=0.05, grad_clip_norm=clip, backbone_lr_scale=backbone_scale)
+    config.freeze_backbone = freeze
+    schedule = optax.linear_schedule(0.01, 0.1, 3)
+    final = {}
+    for raveled in (False, True):
+        tx = train.create_optimizer(config, schedule, CLASSIFICATION.head_prefixes, raveled_state=raveled)
+        p, opt_state, update = params, tx.init(params), jax.jit(tx.update)
+        for step in range(4):
+            grads = jax.tree.map(lambda x: np.random.default_rng(step).normal(size=x.shape).astype(np.float32), params)
+            updates, opt_state = update(grads, opt_state, p)
+            p = optax.apply_updates(p, updates)
+        final[raveled] = p
+        if raveled:  # one vector per moment, of all parameters
+            sizes = {leaf.shape for leaf in jax.tree.leaves(opt_state) if leaf.ndim}
+            assert sizes == {(sum(x.size for x in jax.tree.leaves(params)),)}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), final[True], final[False])
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), final[True], params)
+    assert moved["head"] == {"kernel": True, "bias": True}
+    assert set(jax.tree.leaves(moved["stem"])) == {not freeze}
+
+
+def test_a_checkpoint_with_per_tensor_optimizer_state_resumes(small_config, tmp_path):
+    """A checkpoint written before the optimizer was raveled (its moments per tensor, in optax's
+    parameter groups) is read as it is: moments merged and raveled, count kept, the rest equal."""
+    from mvit2_jax import checkpoint
+    from mvit2_jax.train.loop import restore_latest
+    from mvit2_jax.train.optim import Layout
+
+    config = small_config()
+    config.freeze_backbone, config.optim.backbone_lr_scale = False, 0.5  # two groups: moments in two trees
+    task = tasks.get(config.task)
+    steps = train.compile_steps(config, task, num_steps=4)
+    abstract = jax.eval_shape(steps.init)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), abstract.params)
+    per_tensor = train.create_optimizer(config, optax.constant_schedule(0.1), task.head_prefixes, raveled_state=False)
+    old_opt = jax.tree.map(lambda x: np.full(x.shape, 7, x.dtype) if x.dtype == np.int32 else rng.normal(size=x.shape).astype(x.dtype),
+                           jax.eval_shape(per_tensor.init, params))
+    fill = lambda tree: jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype) if x.dtype != np.int32 else np.full(x.shape, 3, x.dtype), tree)
+    old = train.TrainState(step=np.int32(3), params=params, batch_stats=fill(abstract.batch_stats), opt_state=old_opt,
+                           ema_params=fill(abstract.params), ema_batch_stats=fill(abstract.batch_stats),
+                           rng=np.zeros(abstract.rng.shape, abstract.rng.dtype), bad_steps=np.int32(0))
+    mngr = checkpoint.train_manager(str(tmp_path), keep=2, best_metric=task.best_metric)
+    checkpoint.save_state(mngr, 3, old, {"format": checkpoint.FORMAT})
+    mngr.wait_until_finished()
+
+    state = restore_latest(mngr, steps)
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
+    for field in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(state, field)), getattr(old, field))
+    layout = Layout(params)
+    head, backbone = old_opt[1].inner_states["head"].inner_state[0], old_opt[1].inner_states["backbone"].inner_state[0][0]
+    for name in ("mu", "nu"):
+        merged = jax.tree.map(lambda h, b: b if isinstance(h, optax.MaskedNode) else h, getattr(head, name), getattr(backbone, name),
+                              is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        vectors = [getattr(s, name) for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, name)) if hasattr(s, name)]
+        assert len(vectors) == 1
+        np.testing.assert_array_equal(jax.device_get(vectors[0]), jax.device_get(layout.ravel(merged)))
+    counts = [int(x) for x in jax.tree.leaves(state.opt_state) if x.ndim == 0]
+    assert counts and set(counts) == {7}
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+    mngr.close()
+
+
 def test_a_loss_with_parts_logs_them_averaged_over_micro_batches(small_config):
     """A task's loss may return (loss, {name: part}): the step logs the parts beside the loss,
     as means over the micro-batches when gradients are accumulated, and the update is the

@@ -24,7 +24,7 @@ from mvit2_jax.errors import DataError
 from mvit2_jax.tasks.base import Task
 from mvit2_jax.train import checks
 from mvit2_jax.train.runtime import PreemptionFlag, Preempted, WorkdirLock, params_checksum, prefetch
-from mvit2_jax.train.state import TrainState, check_finite
+from mvit2_jax.train.state import TrainState, check_finite, upgrade_per_tensor_optimizer
 from mvit2_jax.train.steps import Steps, compile_steps
 
 Config = ml_collections.ConfigDict
@@ -146,6 +146,13 @@ def abstract_state(steps: Steps) -> TrainState:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(steps.init))
 
 
+def restore_latest(mngr, steps: Steps) -> Optional[TrainState]:
+    """The newest readable train state in `mngr` (None if none), also from checkpoints written
+    with the per-tensor optimizer state of earlier releases."""
+    abstract = abstract_state(steps)
+    return checkpoint.restore_state(mngr, abstract, upgrade=upgrade_per_tensor_optimizer(abstract))
+
+
 def train_and_evaluate(config: Config, workdir: str, stop_after_steps: Optional[int] = None) -> Dict[str, float]:
     """Train from the latest checkpoint in `workdir` (or from scratch); returns final eval metrics.
 
@@ -165,7 +172,7 @@ def _train_loop(config: Config, task: Task, workdir: str, num_steps: int, stop_a
     steps = compile_steps(config, task, num_steps)
     meta = run_meta(config, task)
     mngr = checkpoint.train_manager(workdir, keep=config.keep_checkpoints, best_metric=task.best_metric)
-    state = checkpoint.restore_state(mngr, abstract_state(steps))
+    state = restore_latest(mngr, steps)
     if state is None:
         state = steps.init()
         if config.init_from:

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mvit2_jax import allocator
 from mvit2_jax.tasks.base import Task
-from mvit2_jax.train.optim import create_optimizer, learning_rate_schedule
+from mvit2_jax.train.optim import create_optimizer, global_norm, learning_rate_schedule
 from mvit2_jax.train.runtime import make_mesh
 from mvit2_jax.train.state import TrainState, apply_update, init_state
 
@@ -85,7 +85,7 @@ def train_step(
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = apply_update(state, params, batch_stats, opt_state, config.ema_decay, finite)
     metrics = {
