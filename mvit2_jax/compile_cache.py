@@ -37,7 +37,7 @@ def enable(setting: Optional[str] = None) -> Optional[str]:
 
     if setting is None:
         jax_setting = os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "").strip().lower()
-        setting = os.environ.get(ENV, "off" if jax_setting in OFF and jax_setting else "on")
+        setting = os.environ.get(ENV, "off" if jax_setting in OFF else "on")
     setting = setting.strip()
     if setting.lower() in OFF:
         jax.config.update("jax_enable_compilation_cache", False)
