@@ -144,11 +144,21 @@ def pytest_configure(config):
         # 234 s -> 177 s cold), steps slower, the right trade for tests of a call or two. The
         # full suite compiles as users' runs do.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    if not hasattr(config, "workerinput"):  # the controller: prepare the digits once, before any worker
+    if not hasattr(config, "workerinput") and not _built_in_datasets_on_disk():
+        # the controller: prepare the digits once, before any worker (importing TensorFlow and
+        # TFDS for it costs ~7 s before the workers start, so only when a dataset is missing;
+        # should this check be wrong, a worker prepares it: TFDS writes it atomically)
         from mvit2_jax.data import check_split, digit_boxes, digit_scenes, digits
 
         for name in (digits.NAME, digit_scenes.NAME, digit_boxes.NAME):
             check_split(name, "train")
+
+
+def _built_in_datasets_on_disk():
+    """Whether TFDS's data directory holds a prepared version of each built-in dataset."""
+    root = Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+    names = ("mvit2_digits", "mvit2_digit_scenes", "mvit2_digit_boxes")
+    return all(any(root.glob(f"{name}/*/dataset_info.json")) for name in names)
 
 
 def pytest_collection_modifyitems(items):
@@ -178,6 +188,20 @@ random_like_fixture = _helper_fixture("random_like", random_like)
 assert_boxes_apart_fixture = _helper_fixture("assert_boxes_apart", assert_boxes_apart)
 reference_flags_fixture = _helper_fixture("reference_flags", REFERENCE_FLAGS)
 reference_config_fixture = _helper_fixture("reference_config", reference_config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_basetemp(tmp_path_factory):
+    """Python's temporary files of this process under pytest's base temporary directory
+    (which pytest prunes to the last three sessions): TFDS's DatasetInfo makes an empty
+    `tmp*tfds` directory in the system's for every builder of a dataset not yet prepared
+    (mock data, image folders) and never removes it, about 50 per run of the fast tier."""
+    import tempfile
+
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = before
 
 
 @pytest.fixture(scope="session")

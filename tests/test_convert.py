@@ -299,6 +299,7 @@ def test_torch_missing_gives_install_hint(tmp_path, monkeypatch):
         load_state_dict(path)
 
 
+@pytest.mark.slow  # a subprocess
 def test_package_does_not_import_torch():
     code = (
         "import sys, mvit2_jax, mvit2_jax.models, mvit2_jax.checkpoint, mvit2_jax.convert\n"
@@ -415,6 +416,7 @@ def test_inconsistent_widths_are_refused():
 # --------------------------------------------------------------------------- (g) CLI, paths
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_converts_and_refuses_non_empty_destination(tmp_path, reference):
     dst = tmp_path / "model"
     result = run_cli(str(PARITY_WEIGHTS), str(dst), "--image-size", "320")
@@ -430,6 +432,7 @@ def test_cli_converts_and_refuses_non_empty_destination(tmp_path, reference):
     assert "Traceback" not in again.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_bad_source(tmp_path):
     src = tmp_path / "no_such_checkpoint.safetensors"
     result = run_cli(str(src), str(tmp_path / "out"))

@@ -153,6 +153,7 @@ def test_slurm_outside_a_job_is_an_error(fake_tools):
 # ----------------------------------------------------------------------------- local.sh
 
 
+@pytest.mark.slow  # a subprocess
 def test_local_sh_stops_the_others_when_one_process_fails(tmp_path):
     # A stand-in interpreter: process 1 fails after a moment, the others would run for minutes.
     fake = write_tool(tmp_path, "python", """

@@ -101,6 +101,7 @@ def test_no_test_module_imports_another():
         assert not {m.split(".")[0] for m in imports_of(path)} & tests, path
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_models_train_step_and_benchmarks_import_without_tensorflow():
     """TensorFlow (tf.data, TFDS, the TensorBoard writer) costs about 4 s and 0.6 GB on import:
     the model, the task hooks, the compiled steps and the train-step benchmark load, and the

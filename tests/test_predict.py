@@ -70,6 +70,7 @@ def test_cli_prints_top5_and_names_bad_files(checkpoint, images):
     assert f"{images / 'notes.txt'}: not an image file" in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_missing_checkpoint_is_a_clear_error(tmp_path, images):
     proc = subprocess.run(
         [sys.executable, "-m", "mvit2_jax.predict", "--checkpoint", str(tmp_path / "nope"), str(images / "photo.jpg")],
