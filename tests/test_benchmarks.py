@@ -5,6 +5,7 @@ No timing assertions: speed depends on the machine and its load. timm is not nee
 """
 
 import csv
+import json
 import os
 
 import pytest
@@ -112,6 +113,58 @@ def test_ratio_rows_pair_each_width_and_mode_with_timm():
     ]
     (ratio,) = model.ratio_rows(rows)
     assert (ratio["alpha"], ratio["mode"], ratio["ours_over_timm"], ratio["load"]) == (1.0, "infer", 1.5, 1.5)
+    # timm in several settings: the ratio is against its fastest row, which it names
+    rows += [
+        {"alpha": 1.0, "impl": "timm 1.0", "timm_setting": "compile-bf16", "mode": "infer", "images_per_s": 40.0, "device_peak_MiB": 900},
+        {"alpha": 1.0, "impl": "timm 1.0", "timm_setting": "eager-bf16", "mode": "infer", "images_per_s": 25.0},
+        {"alpha": 1.0, "impl": "timm 1.0", "timm_setting": "compile", "mode": "train", "images_per_s": 4.0},
+    ]
+    infer, train = model.ratio_rows(rows)
+    assert (infer["ours_over_timm"], infer["timm_setting"], infer["timm_device_peak_MiB"]) == (0.75, "compile-bf16", 900)
+    assert (train["ours_over_timm"], train["timm_setting"]) == (2.0, "compile")
+
+
+TINY_TIMM = """
+import torch
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 1000)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.silu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def create_model(name, pretrained=False):
+    assert name == "mobilevitv2_050" and not pretrained
+    return Tiny()
+
+
+__version__ = "stub"
+"""
+
+
+@pytest.mark.slow  # a subprocess
+def test_timm_bench_runs_each_precision_and_reports_its_setting(tmp_path):
+    """timm_bench.py (run by the model benchmark with a Python that has timm) on a stand-in
+    timm module: eager float32 and bfloat16 autocast, a plain training step, one JSON line each."""
+    import subprocess
+    import sys
+
+    (tmp_path / "timm.py").write_text(TINY_TIMM)
+    for precision in ("float32", "bfloat16"):
+        proc = subprocess.run(
+            [sys.executable, model.TIMM_SCRIPT, "--model", "mobilevitv2_050", "--mode", "train", "--batch", "2", "--size", "16",
+             "--repeats", "2", "--min-time", "0", "--warmup", "0", "--precision", precision],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=True,
+        )
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert (out["precision"], out["compiled"], out["device"], out["device_peak_MiB"]) == (precision, False, "cpu", None)
+        assert out["repeats"] >= 2 and out["images_per_s"] > 0 and out["timm"] == "stub"
 
 
 @pytest.mark.slow

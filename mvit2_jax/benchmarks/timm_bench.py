@@ -14,6 +14,11 @@ clipped to norm 10, and an EMA of the weights (ModelEmaV3, decay 0.9995) after e
 `--recipe plain` is the bare AdamW step. The first call (warm-up) is timed
 separately as time to first step; then --warmup more untimed calls (PyTorch's CPU kernels
 take a few calls to reach their speed), then the median of the timed calls.
+
+On a GPU (`--device cuda`): `--precision bfloat16` runs the forward pass and the loss under
+torch.autocast (bfloat16), `--compile` wraps the model in torch.compile (its compile is in the
+first step), TF32 stays off unless `--tf32`, and each timed call ends with
+torch.cuda.synchronize; `device_peak_MiB` is torch.cuda.max_memory_allocated.
 """
 
 import argparse
@@ -49,6 +54,10 @@ def main():
     parser.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--recipe", choices=("plain", "paper"), default="plain", help="training step: bare AdamW or the paper's")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32", help="bfloat16: torch.autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiled in the first step)")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: TF32 in matrix products and convolutions (default: off)")
     args = parser.parse_args()
 
     import timm
@@ -57,17 +66,27 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cudnn.benchmark = True
     fmt = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
-    model = timm.create_model(args.model, pretrained=False).to(memory_format=fmt)
-    images = torch.rand(args.batch, 3, args.size, args.size).contiguous(memory_format=fmt)
-    labels = torch.randint(0, 1000, (args.batch,))
+    model = timm.create_model(args.model, pretrained=False).to(device=args.device, memory_format=fmt)
+    images = torch.rand(args.batch, 3, args.size, args.size).to(args.device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, 1000, (args.batch,)).to(args.device)
+    net = torch.compile(model) if args.compile else model
+    bf16 = args.precision == "bfloat16"
+
+    def autocast():
+        return torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16)
 
     if args.mode == "infer":
         model.eval()
 
         def step():
-            with torch.inference_mode():
-                model(images)
+            with torch.inference_mode(), autocast():
+                net(images)
 
     else:
         model.train()
@@ -87,24 +106,31 @@ def main():
         def step():
             x, y = mixup(images.clone(), labels) if paper else (images, labels)  # Mixup mixes in place
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            with autocast():
+                loss = loss_fn(net(x), y)
+            loss.backward()
             if paper:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
             if paper:
                 ema.update(model)
 
+    def synced_step():
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+
     t0 = time.perf_counter()
-    step()
+    synced_step()
     first = time.perf_counter() - t0
     for _ in range(args.warmup):
-        step()
+        synced_step()
     load_before = os.getloadavg()[0]
     times = []
     cpu0 = time.process_time()
     while len(times) < args.repeats or (sum(times) < args.min_time and len(times) < 50):
         t0 = time.perf_counter()
-        step()
+        synced_step()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     cpu = (time.process_time() - cpu0) / len(times)
@@ -119,6 +145,10 @@ def main():
                 "memory_format": args.memory_format,
                 "recipe": args.recipe if args.mode == "train" else None,
                 "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "precision": args.precision,
+                "compiled": args.compile,
+                "tf32": args.tf32 if cuda else None,
                 "torch": torch.__version__,
                 "timm": timm.__version__,
                 "first_step_s": round(first, 2),
@@ -128,6 +158,7 @@ def main():
                 "repeats": len(times),
                 "images_per_s": round(args.batch / median, 2),
                 "peak_rss_MiB": peak_rss_mib(),
+                "device_peak_MiB": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
                 "load": round(max(load_before, os.getloadavg()[0]), 2),
             }
         )
