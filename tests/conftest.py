@@ -14,6 +14,7 @@ runs, subprocesses, the notebook) run in the full suite. Both run on two pytest-
 (setup.cfg); the reference run's tests share a worker.
 """
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -144,10 +145,11 @@ def pytest_configure(config):
         # 234 s -> 177 s cold), steps slower, the right trade for tests of a call or two. The
         # full suite compiles as users' runs do.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    if not hasattr(config, "workerinput") and not _built_in_datasets_on_disk():
+    if not hasattr(config, "workerinput") and not _built_in_datasets_on_disk() and importlib.util.find_spec("tensorflow"):
         # the controller: prepare the digits once, before any worker (importing TensorFlow and
         # TFDS for it costs ~7 s before the workers start, so only when a dataset is missing;
-        # should this check be wrong, a worker prepares it: TFDS writes it atomically)
+        # should this check be wrong, a worker prepares it: TFDS writes it atomically; without
+        # TensorFlow, as on a GPU machine that cannot install it, the data's tests fail alone)
         from mvit2_jax.data import check_split, digit_boxes, digit_scenes, digits
 
         for name in (digits.NAME, digit_scenes.NAME, digit_boxes.NAME):

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm.sbatch"]
+SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm.sbatch", "gpu_check.sh"]
 
 
 def write_tool(directory: Path, name: str, body: str) -> Path:
@@ -65,6 +65,7 @@ def test_script_passes_shellcheck(script):
     ("tpu_pod.sh", ["--setup", "my-tpu", "us-central2-b"]),
     ("slurm.sbatch", []), ("slurm.sbatch", ["experiments/alpha_1.py"]),
     ("local.sh", []), ("local.sh", ["0", "2", "experiments/quickstart.py", "/tmp/x"]),
+    ("gpu_check.sh", []), ("gpu_check.sh", ["/tmp/x", "env", "everything"]),
 ])
 def test_missing_arguments_print_usage_and_start_nothing(fake_tools, script, args):
     env, calls = fake_tools
