@@ -20,9 +20,10 @@ bare AdamW step with --timm-recipe plain; OpenMP with
 OMP_DYNAMIC=FALSE so that it keeps every core under load), and the
 table gives the ratio ours / timm. `--timm-settings` runs timm in several settings (eager or
 torch.compile, float32 or bfloat16 autocast; on a GPU TF32 off) in the same run; the ratio
-is then against timm's fastest row for that width and mode, named in `timm_setting`. Both run under the same host allocator, chosen by
-MVIT2_ALLOCATOR as for every program of this package (see mvit2_jax.allocator; it changes
-both by up to 2x on the CPU): MVIT2_ALLOCATOR=system compares them under the system's.
+is then against timm's fastest row for that width and mode, named in `timm_setting`. Both
+run under the same host allocator, chosen by MVIT2_ALLOCATOR as for every program of this
+package (see mvit2_jax.allocator; it changes both by up to 2x on the CPU):
+MVIT2_ALLOCATOR=system compares them under the system's.
 Writes model.{md,csv,json}, model_vs_timm.{md,csv,json} and model.png to --out. Every row
 records the load average while it ran.
 """
@@ -320,7 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                           f"(load {row.get('load')})", flush=True)
     for r in rows:
         if r.get("error"):
-            notes.append(f"alpha {r['alpha']} {r['mode']} failed: {r['error']}")
+            who = f"timm {r.get('timm_setting')}" if r.get("impl", "").startswith("timm") else "mvit2_jax"
+            notes.append(f"{who} alpha {r['alpha']} {r['mode']} failed: {r['error']}")
     if args.in_process:
         notes.append("measured in one process: peak_rss_MiB is the process's high-water mark so far")
     if info["backend"] == "cpu":
