@@ -753,7 +753,7 @@ def hf_config(src: str) -> Dict[str, Any]:
 def segmentation_class_names(num_classes: int, hf: Mapping[str, Any]) -> Optional[List[str]]:
     """The class names of a converted segmentation model: HF config.json's id2label, else
     PASCAL VOC's for 21 classes and ADE20k's for 150 (the official datasets of those sizes)."""
-    from mvit2_jax.data.class_names import ADE20K_CLASSES, VOC_CLASSES
+    from mvit2_jax.data.label_names import ADE20K_CLASSES, VOC_CLASSES
 
     id2label = hf.get("id2label") or {}
     if len(id2label) == num_classes:
@@ -803,7 +803,7 @@ def convert(
     if segmentation:
         meta["class_names"] = segmentation_class_names(model.num_classes, defaults)
     if detection:
-        from mvit2_jax.data.class_names import detection_class_names
+        from mvit2_jax.data.label_names import detection_class_names
 
         meta["class_names"] = detection_class_names(model.num_classes)
     task = "segmentation" if segmentation else "detection" if detection else "classification"

@@ -38,7 +38,7 @@ def converted(tmp_path_factory):
 
 
 def test_the_converted_ssd_records_what_rebuilds_it(converted):
-    from mvit2_jax.data.class_names import COCO_CLASSES
+    from mvit2_jax.data.label_names import COCO_CLASSES
 
     model, _, meta = converted
     assert isinstance(model, MobileViTv2SSD)

@@ -90,6 +90,15 @@ def test_layers_import_only_downwards(module, forbidden):
             assert not bad, f"{name} imports {sorted(bad)}"
 
 
+def test_no_data_module_shadows_a_name_the_data_package_loads_lazily():
+    """`mvit2_jax.data` resolves names such as `class_names` on first use; a submodule of the
+    same name would replace the function with the module once anything imported it."""
+    from mvit2_jax import data
+
+    modules = {p.stem for p in (PACKAGE / "data").glob("*.py")}
+    assert not modules & set(data._MODULES), modules & set(data._MODULES)
+
+
 def test_package_code_does_not_import_experiments():
     for path in PACKAGE.rglob("*.py"):
         assert not any(m == "experiments" or m.startswith("experiments.") for m in imports_of(path)), path
@@ -117,7 +126,7 @@ def test_the_models_train_step_and_benchmarks_import_without_tensorflow():
         "from experiments import quickstart; c = quickstart.get_config(); c.model.alpha = 0.1; c.data.image_size = 32; "
         "s = train.compile_steps(c, tasks.get(c.task), 4); "
         "jax.eval_shape(s.train, jax.eval_shape(s.init), train_step.synthetic_batch(s, c, 2)); "  # traced, as before a compile
-        "from mvit2_jax import convert; from mvit2_jax.data.class_names import detection_class_names; "
+        "from mvit2_jax import convert; from mvit2_jax.data.label_names import detection_class_names; "
         "assert len(convert.segmentation_class_names(150, {})) == 150 and len(detection_class_names(81)) == 81; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))"
     )

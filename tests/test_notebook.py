@@ -14,7 +14,7 @@ from nbclient import NotebookClient
 from experiments import quickstart
 from experiments.segmentation import quickstart as seg_quickstart
 from mvit2_jax.checkpoint import read_config
-from mvit2_jax.data.class_names import VOC_CLASSES
+from mvit2_jax.data.label_names import VOC_CLASSES
 
 # One worker runs every test of this module, so the notebook executes once per session.
 pytestmark = pytest.mark.xdist_group("notebook")

@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mvit2_jax.data.class_names import ADE20K_CLASSES, VOC_CLASSES
+from mvit2_jax.data.label_names import ADE20K_CLASSES, VOC_CLASSES
 
 
 def _features() -> tfds.features.FeaturesDict:
