@@ -12,7 +12,7 @@
 # log). Needs jax with its CUDA plugin, flax, optax, orbax-checkpoint, torch and timm; wheels in
 # .whl/ (ml_collections and clu, for a machine that cannot reach a package index) are installed
 # into /tmp/site first. Model settings: MODEL_ALPHAS (default 1.0), MODEL_BATCH (default 256),
-# TIMM_SETTINGS (default "eager eager-bf16 compile-bf16"). GPU_CHECK_TINY=1: a seconds-long run
+# TIMM_SETTINGS (default "eager eager-bf16 compile-bf16"). GPU_CHECK_TINY=1: a short run
 # of each part (the benchmarks' --tiny, one test file) to check the script on any machine.
 set -euo pipefail
 
