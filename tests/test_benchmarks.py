@@ -125,6 +125,8 @@ def test_ratio_rows_pair_each_width_and_mode_with_timm():
 
 
 TINY_TIMM = """
+import os
+
 import torch
 
 
@@ -136,7 +138,10 @@ class Tiny(torch.nn.Module):
         self.head = torch.nn.Linear(8, 1000)
 
     def forward(self, x):
-        return self.head(torch.nn.functional.silu(self.bn(self.conv(x))).mean((2, 3)))
+        y = self.conv(x)
+        with open(os.environ["TINY_TIMM_DTYPES"], "a") as f:  # the dtype the convolution ran in
+            f.write(str(y.dtype) + "\\n")
+        return self.head(torch.nn.functional.silu(self.bn(y)).mean((2, 3)))
 
 
 def create_model(name, pretrained=False):
@@ -160,9 +165,12 @@ def test_timm_bench_runs_each_precision_and_reports_its_setting(tmp_path):
         proc = subprocess.run(
             [sys.executable, model.TIMM_SCRIPT, "--model", "mobilevitv2_050", "--mode", "train", "--batch", "2", "--size", "16",
              "--repeats", "2", "--min-time", "0", "--warmup", "0", "--precision", precision],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=True,
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONPATH": str(tmp_path), "TINY_TIMM_DTYPES": str(tmp_path / precision)},
         )
         out = json.loads(proc.stdout.strip().splitlines()[-1])
+        # every forward pass (the first, the timed ones) ran in the requested precision
+        assert set((tmp_path / precision).read_text().split()) == {f"torch.{precision}"}
         assert (out["precision"], out["compiled"], out["device"], out["device_peak_MiB"]) == (precision, False, "cpu", None)
         assert out["repeats"] >= 2 and out["images_per_s"] > 0 and out["timm"] == "stub"
 
