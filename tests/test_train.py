@@ -194,6 +194,26 @@ def test_a_checkpoint_with_per_tensor_optimizer_state_resumes(small_config, tmp_
     mngr.close()
 
 
+@pytest.mark.slow  # two compiles of the train step
+def test_the_cpu_train_step_is_compiled_for_memory(small_config):
+    """On the CPU the engine's train step is scheduled for memory (steps.CPU_TRAIN_OPTIONS):
+    fewer temporaries than XLA:CPU's default schedule of the same program, which runs
+    independent work side by side."""
+    from mvit2_jax.train.steps import CPU_TRAIN_OPTIONS
+
+    config = small_config()
+    steps = train.compile_steps(config, tasks.get(config.task), num_steps=4)
+    size, batch = config.data.image_size, config.batch_size
+    inputs = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32), "label": jax.ShapeDtypeStruct((batch,), np.int32)}
+    lowered = steps.train.lower(jax.eval_shape(steps.init), inputs)
+    temporaries = lambda compiled: compiled.memory_analysis().temp_size_in_bytes
+    quick = {"xla_backend_optimization_level": 0}  # LLVM's work, not the schedule: a third of the compile
+    engine = temporaries(lowered.compile(quick))  # added to the jit's own options
+    concurrent = temporaries(lowered.compile({**quick, "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}))
+    assert CPU_TRAIN_OPTIONS == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    assert engine < 0.95 * concurrent, (engine, concurrent)
+
+
 def test_a_loss_with_parts_logs_them_averaged_over_micro_batches(small_config):
     """A task's loss may return (loss, {name: part}): the step logs the parts beside the loss,
     as means over the micro-batches when gradients are accumulated, and the update is the
