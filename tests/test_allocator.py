@@ -130,3 +130,24 @@ def test_compiles_release_memory_only_under_the_glibc_tunables(monkeypatch):
     for environ in ({}, {allocator.APPLIED_VAR: "tcmalloc"}, {"MVIT2_ALLOCATOR": "glibc"}):
         assert allocator.release_after_compiles(environ) is False
     assert allocator._release_registered is False
+
+
+def test_a_released_function_drops_its_programs_and_still_runs(monkeypatch):
+    """release_compiled (the training loop's init, once it has run on the CPU): the jitted
+    function's compiled programs are dropped, the heap trimmed only under the glibc tunables,
+    and a later call compiles again with the same result."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    trims = []
+    monkeypatch.setattr(allocator, "_malloc_trim", lambda: trims.append)
+    f = jax.jit(lambda x: x * 2 + 1)
+    x = jnp.arange(4.0)
+    np.testing.assert_array_equal(f(x), [1, 3, 5, 7])
+    assert f._cache_size() == 1  # jax's count of the function's compiled programs
+    allocator.release_compiled(f, {allocator.APPLIED_VAR: "glibc"})
+    assert f._cache_size() == 0 and trims == [0]
+    np.testing.assert_array_equal(f(x), [1, 3, 5, 7])
+    allocator.release_compiled(f, {})
+    assert f._cache_size() == 0 and trims == [0]

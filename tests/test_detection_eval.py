@@ -94,6 +94,8 @@ def test_a_detection_run_on_the_digit_boxes_then_predict_draws_them(tmp_path, ra
     config = quickstart.get_config("smoke")
     metrics = train.train_and_evaluate(config, str(run))
     assert metrics["num_examples"] == 32
+    # The loop dropped its init's compiled program once the state was made (CPU host memory).
+    assert train.compile_steps(config, TASK, train.num_train_steps(config)).init._cache_size() == 0
     for key in ("map", "map50", "map75", "voc07_map50", "loss", "loc_loss", "cls_loss"):
         assert key in metrics and f"ema_{key}" in metrics
     assert 0 <= metrics["map"] <= metrics["map50"] <= 1 and metrics["loss"] > 0

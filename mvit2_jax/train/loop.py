@@ -19,7 +19,7 @@ from clu import parameter_overview
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mvit2_jax import checkpoint, hub, tasks
+from mvit2_jax import allocator, checkpoint, hub, tasks
 from mvit2_jax.errors import DataError
 from mvit2_jax.tasks.base import Task
 from mvit2_jax.train import checks
@@ -175,6 +175,8 @@ def _train_loop(config: Config, task: Task, workdir: str, num_steps: int, stop_a
     state = restore_latest(mngr, steps)
     if state is None:
         state = steps.init()
+        if all(d.platform == "cpu" for d in steps.mesh.devices.flat):
+            allocator.release_compiled(steps.init)  # runs once: its program off the heap before the train step's
         if config.init_from:
             state = init_from_pretrained(state, config, task, steps.mesh)
         hparams = traverse_util.flatten_dict(config.to_dict(), sep=".")
