@@ -172,10 +172,11 @@ def _train_loop(config: Config, task: Task, workdir: str, num_steps: int, stop_a
     steps = compile_steps(config, task, num_steps)
     meta = run_meta(config, task)
     mngr = checkpoint.train_manager(workdir, keep=config.keep_checkpoints, best_metric=task.best_metric)
+    on_cpu = all(d.platform == "cpu" for d in steps.mesh.devices.flat)
     state = restore_latest(mngr, steps)
     if state is None:
         state = steps.init()
-        if all(d.platform == "cpu" for d in steps.mesh.devices.flat):
+        if on_cpu:
             allocator.release_compiled(steps.init)  # runs once: its program off the heap before the train step's
         if config.init_from:
             state = init_from_pretrained(state, config, task, steps.mesh)
@@ -199,7 +200,6 @@ def _train_loop(config: Config, task: Task, workdir: str, num_steps: int, stop_a
     # time 2.5 s. On the CPU a step runs on all cores, so waiting for it costs nothing.
     # `python -m mvit2_jax.main` also runs CPU calls inline (allocator.run_cpu_computations_inline),
     # where the wait is already done; it matters where JAX dispatches asynchronously (notebooks).
-    one_at_a_time = all(d.platform == "cpu" for d in steps.mesh.devices.flat)
     if start >= num_steps:
         logging.info("The run in %s is complete (step %d of %d): evaluating only", workdir, start, num_steps)
         eval_metrics = evaluate(steps, state.weight_sets(), config)
@@ -207,7 +207,7 @@ def _train_loop(config: Config, task: Task, workdir: str, num_steps: int, stop_a
         for step in range(start + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = steps.train(state, next(batches))
-            if step == start + 1 or one_at_a_time:
+            if step == start + 1 or on_cpu:
                 jax.block_until_ready(state)
             if step == start + 1:  # leave the compile out of the throughput numbers
                 t_log = time.time()
