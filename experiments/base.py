@@ -53,6 +53,9 @@ def get_config(alpha: float = 1.0) -> ml_collections.ConfigDict:
     c.data.randaugment_ops = 2
     c.data.randaugment_magnitude = 9
     c.data.erasing_prob = 0.25
+    # Where RandAugment and random erasing run: "host" (tf.data, per example) or "device" (in the
+    # train step, on the accelerator: for hosts whose cores cannot feed it the whole recipe).
+    c.data.augment_on = "host"
     c.data.mixup_alpha = 0.2
     c.data.cutmix_alpha = 1.0
     c.data.mix_prob = 0.5

@@ -2,11 +2,12 @@
 # shellcheck disable=SC2329  # the part_* functions run by name, under timeout, below
 # The GPU checks of one session, on a machine with one NVIDIA GPU, in one call of a few minutes:
 # correctness (the tests that need no TensorFlow, in float32 without TF32), the whole model
-# beside timm (eager / torch.compile, float32 / bfloat16 autocast) and the attention benchmark.
+# beside timm (eager / torch.compile, float32 / bfloat16 autocast), the attention benchmark and
+# the input pipeline (the host's cores per image; RandAugment and erasing on the GPU).
 #
 #   bash launch/gpu_check.sh OUT_DIR [PART ...]     # from the repository root
 #
-# PART: env, tests, model, attention (default: all four, in that order); each runs under its
+# PART: env, tests, model, attention, data (default: all five, in that order); each runs under its
 # own time limit (GPU_CHECK_LIMIT_S, default 150 s) so that one slow part leaves the others
 # their time. Writes OUT_DIR/gpu_check.log and OUT_DIR/gpu_check.tar.gz (every table, plot and
 # log). Needs jax with its CUDA plugin, flax, optax, orbax-checkpoint, torch and timm; wheels in
@@ -16,7 +17,7 @@
 # of each part (the benchmarks' --tiny, one test file) to check the script on any machine.
 set -euo pipefail
 
-USAGE="usage: bash launch/gpu_check.sh OUT_DIR [env|tests|model|attention ...]"
+USAGE="usage: bash launch/gpu_check.sh OUT_DIR [env|tests|model|attention|data ...]"
 if [[ $# -lt 1 ]]; then
   echo "$USAGE" >&2
   exit 2
@@ -24,10 +25,10 @@ fi
 OUT_DIR=$1
 shift
 PARTS=("$@")
-[[ ${#PARTS[@]} -eq 0 ]] && PARTS=(env tests model attention)
+[[ ${#PARTS[@]} -eq 0 ]] && PARTS=(env tests model attention data)
 for part in "${PARTS[@]}"; do
   case $part in
-    env | tests | model | attention) ;;
+    env | tests | model | attention | data) ;;
     *) printf 'error: unknown part %s\n%s\n' "$part" "$USAGE" >&2; exit 2 ;;
   esac
 done
@@ -85,6 +86,14 @@ part_attention() {
   else
     "$PY" -m mvit2_jax.benchmarks.attention --out "$WORK/attention" --batch 8 --ks 256 1024 4096 16384 65536 --min-time 0.5
   fi
+}
+
+part_data() {
+  local args=(--out "$WORK/data" --device-batch 256)
+  [[ -n ${GPU_CHECK_TINY:-} ]] && args+=(--tiny)
+  # the host rows need TensorFlow (tf.data); without it, the device half alone
+  "$PY" -c "import tensorflow" 2>/dev/null || args+=(--device-only)
+  "$PY" -m mvit2_jax.benchmarks.data "${args[@]}"
 }
 
 status=0

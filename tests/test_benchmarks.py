@@ -90,9 +90,14 @@ def test_v1_vs_v2_tiny(tmp_path):
 
 def test_data_tiny(tmp_path):
     out = str(tmp_path)
-    data.main(["--tiny", "--out", out, "--threads", "1"])
+    returned = data.main(["--tiny", "--out", out, "--threads", "1"])
     rows = _check_outputs(out, "data", 3)
     assert all(float(r["images_per_s"]) > 0 for r in rows)
+    with open(os.path.join(out, "data_device.csv")) as f:
+        (device,) = list(csv.DictReader(f))
+    assert os.path.getsize(os.path.join(out, "data_device.md")) > 0
+    assert device["backend"] == "cpu" and device["batch"] == "4" and float(device["images_per_s"]) > 0
+    assert len(returned) == 4
 
 
 def test_synthetic_jpegs_decode():

@@ -114,7 +114,7 @@ def test_no_test_module_imports_another():
 def test_the_models_train_step_and_benchmarks_import_without_tensorflow():
     """TensorFlow (tf.data, TFDS, the TensorBoard writer) costs about 4 s and 0.6 GB on import:
     the model, the task hooks, the compiled steps and the train-step benchmark load, and the
-    train step (Mixup from mvit2_jax.data) traces, without it, and so does the converter's
+    train step (Mixup, and RandAugment where it runs in the step, from mvit2_jax.data) traces, without it, and so does the converter's
     naming of classes (a GPU machine may have no TensorFlow);
     a training run imports it when it reads its data or opens its writer."""
     import subprocess
@@ -126,6 +126,8 @@ def test_the_models_train_step_and_benchmarks_import_without_tensorflow():
         "from experiments import quickstart; c = quickstart.get_config(); c.model.alpha = 0.1; c.data.image_size = 32; "
         "s = train.compile_steps(c, tasks.get(c.task), 4); "
         "jax.eval_shape(s.train, jax.eval_shape(s.init), train_step.synthetic_batch(s, c, 2)); "  # traced, as before a compile
+        "c.data.augment_on = 'device'; s = train.compile_steps(c, tasks.get(c.task), 4); "  # RandAugment in the step
+        "jax.eval_shape(s.train, jax.eval_shape(s.init), train_step.synthetic_batch(s, c, 2)); "
         "from mvit2_jax import convert; from mvit2_jax.data.label_names import detection_class_names; "
         "assert len(convert.segmentation_class_names(150, {})) == 150 and len(detection_class_names(81)) == 81; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))"

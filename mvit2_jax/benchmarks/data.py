@@ -7,11 +7,16 @@ Generates ImageNet-sized JPEGs in memory (default 200 images of 500x375, smooth
 natural-image-like content, quality 90: about the size of an average ImageNet JPEG) and
 runs them through the real per-example functions of mvit2_jax.data.pipeline inside tf.data:
 `train_image` with the full recipe (random-resized crop + decode, bicubic resize, flip,
-RandAugment 2 ops magnitude 9, random erasing 0.25), `train_image` without RandAugment
-and erasing, and `eval_image` (resize 288, center crop 256). Each variant runs on one
-thread (images/s per core) and on every core. Mixup/CutMix run on the accelerator inside
-the train step and are not part of this. Writes data.{md,csv,json} and data.png to --out;
-divide the training throughput of your accelerators by the per-core rate to size hosts.
+RandAugment 2 ops magnitude 9, random erasing 0.25), the host half of
+`config.data.augment_on = "device"` (crop, resize, flip; uint8 out), and `eval_image`
+(resize 288, center crop 256). Each variant runs on one thread (images/s per core) and on
+every core. Mixup/CutMix run on the accelerator inside the train step and are not part of
+this. Writes data.{md,csv,json} and data.png to --out; divide the training throughput of
+your accelerators by the per-core rate to size hosts.
+
+The device half (RandAugment and erasing of mvit2_jax.data.device_augment on a uint8 batch,
+jitted) is timed on JAX's default backend and written to data_device.{md,csv,json}: what
+the accelerator spends per image when the host sends it the crops alone.
 """
 
 from __future__ import annotations
@@ -65,10 +70,10 @@ def variants(image_size: int, resize_size: int):
     from mvit2_jax.data.pipeline import TrainAugmentation, eval_image, train_image
 
     full = TrainAugmentation()
-    light = TrainAugmentation(randaugment=False, erasing_prob=0.0)
+    host_half = TrainAugmentation(on_device=True)
     return {
         "train, full recipe (crop, flip, RandAugment 2x9, erasing)": lambda b, s: train_image(b, s, image_size, full),
-        "train, crop + flip only": lambda b, s: train_image(b, s, image_size, light),
+        "train, host half of augment_on=device (crop, flip; uint8)": lambda b, s: train_image(b, s, image_size, host_half),
         f"eval (resize {resize_size}, crop {image_size})": lambda b, s: eval_image(b, image_size, resize_size),
     }
 
@@ -107,6 +112,32 @@ def measure(fn, images: List[bytes], threads: int, num_examples: int, warmup: in
     }
 
 
+def measure_device(batch: int, image_size: int, min_time: float) -> Dict[str, Any]:
+    """images/s of the device half (RandAugment 2x9 + erasing 0.25) on a uint8 batch, jitted."""
+    import jax
+
+    from mvit2_jax.data.device_augment import augment
+
+    run = jax.jit(augment)
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, image_size, image_size, 3), np.uint8))
+    keys = iter(jax.random.split(jax.random.key(0), 10_000))
+    t0 = time.perf_counter()
+    run(next(keys), images).block_until_ready()
+    first = time.perf_counter() - t0
+    timing = common.time_call(lambda: run(next(keys), images).block_until_ready(), min_total_s=min_time)
+    return {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "batch": batch,
+        "images_per_s": batch / timing["median_s"],
+        "step_ms": 1e3 * timing["median_s"],
+        "cpu_ms": 1e3 * timing["cpu_s"],
+        "first_call_s": first,
+        "repeats": timing["repeats"],
+        "load": timing["load"],
+    }
+
+
 def plot(rows: Sequence[Dict[str, Any]], path: str, title: str) -> None:
     plt = common.pyplot()
     names = list(dict.fromkeys(r["variant"] for r in rows))
@@ -135,10 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     parser.add_argument("--resize-size", type=int, default=288)
     parser.add_argument("--examples", type=int, default=400, help="timed examples per measurement (per thread)")
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and every core")
+    parser.add_argument("--device-batch", type=int, default=64, help="batch of the device half's timing (0: skip it)")
+    parser.add_argument("--device-min-time", type=float, default=3.0, help="seconds of timed device calls")
+    parser.add_argument("--device-only", action="store_true", help="time the device half alone (no TensorFlow needed)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run: 8 small JPEGs, 64x64 output")
     args = parser.parse_args(argv)
     if args.tiny:
         args.images, args.width, args.height, args.image_size, args.resize_size, args.examples = 8, 160, 120, 64, 72, 16
+        args.device_batch, args.device_min_time = min(args.device_batch, 4), 0.2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cores = common.cpu_count()
     threads = args.threads or sorted({1, cores})
@@ -148,7 +183,20 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     mean_kb = sum(map(len, images)) / len(images) / 1024
     info.update(jpegs=f"{args.images} x {args.width}x{args.height}, mean {mean_kb:.0f} KiB", output=f"{args.image_size}x{args.image_size}")
     print(f"data benchmark: {info} (generated in {time.perf_counter() - t0:.1f} s)", flush=True)
+    rows = [] if args.device_only else host_rows(args, images, threads, info)
+    if args.device_batch > 0:
+        d = measure_device(args.device_batch, args.image_size, args.device_min_time)
+        d["variant"] = f"device half of augment_on=device (RandAugment 2x9, erasing; {args.image_size}x{args.image_size} uint8 in)"
+        print(f"  {d['variant']}: {d['backend']} batch {d['batch']} {d['images_per_s']:.1f} img/s", flush=True)
+        device_columns = ["variant", "backend", "device", "batch", "images_per_s", "step_ms", "cpu_ms", "first_call_s", "repeats", "load"]
+        device_notes = ["first_call_s: compile and first run; on a CPU backend the host's cores run it (no accelerator to offload to)"]
+        common.write_table([d], device_columns, args.out, "data_device", "Device half of the train augmentation (jitted, one batch)", device_notes, info)
+        rows.append(d)
+    return rows
 
+
+def host_rows(args: argparse.Namespace, images: List[bytes], threads: Sequence[int], info: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The tf.data variants on 1 and every thread; writes data.{md,csv,json,png}."""
     import tensorflow as tf
 
     info["tensorflow"] = tf.__version__
@@ -169,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     ]
     columns = ["variant", "threads", "images_per_s", "images_per_s_per_core", "images_per_cpu_s", "examples", "load"]
     common.write_table(rows, columns, args.out, "data", "Preprocessing throughput (tf.data, per-example functions of the pipeline)", notes, info)
-    plot(rows, os.path.join(args.out, "data.png"), f"preprocessing {info['jpegs']} -> {info['output']}, {info['cpu']} ({cores} cores)")
+    plot(rows, os.path.join(args.out, "data.png"), f"preprocessing {info['jpegs']} -> {info['output']}, {info['cpu']} ({common.cpu_count()} cores)")
     print(f"wrote {args.out}/data.{{md,csv,json,png}}")
     return rows
 

@@ -26,13 +26,16 @@ from mvit2_jax.errors import usage_errors_exit
 
 
 def synthetic_batch(compiled: train.Steps, config, batch_size: int) -> Dict[str, Any]:
-    """A random global batch {"image": [B, S, S, 3] in [0, 1], "label": [B]} on the mesh."""
+    """A random global batch {"image": [B, S, S, 3] in [0, 1], "label": [B]} on the mesh
+    (uint8 pixels where RandAugment runs in the step, config.data.augment_on = "device")."""
     size = config.data.image_size
     sharding = NamedSharding(compiled.mesh, P("data"))
     rng = np.random.default_rng(0)
+    shape = (batch_size, size, size, 3)
+    on_device = config.data.get("augment_on", "host") == "device"
     return train.to_global(
         {
-            "image": rng.random((batch_size, size, size, 3), np.float32),
+            "image": rng.integers(0, 256, shape, np.uint8) if on_device else rng.random(shape, np.float32),
             "label": rng.integers(0, config.data.num_classes, batch_size).astype(np.int32),
         },
         sharding,

@@ -64,15 +64,21 @@ class TrainAugmentation:
     randaugment_magnitude: int = 9
     randaugment_bins: int = 31
     erasing_prob: float = 0.25
+    # True: stop after the flip and return uint8; RandAugment and erasing then run in the train
+    # step (device_augment.augment, config.data.augment_on = "device").
+    on_device: bool = False
 
 
 def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int, aug: TrainAugmentation) -> tf.Tensor:
-    """Encoded image -> augmented float32 [image_size, image_size, 3] in [0, 1]."""
+    """Encoded image -> augmented float32 [image_size, image_size, 3] in [0, 1] (uint8 after the
+    crop and flip alone where `aug.on_device`)."""
     s_crop, s_flip, s_ra, s_erase = preprocess.split_seed(seed, 4)
     image = preprocess.decode_and_random_crop(image_bytes, s_crop, aug.crop_scale, aug.crop_ratio)
     image = preprocess.resize(image, image_size, image_size)
     if aug.flip:
         image = preprocess.random_flip(image, s_flip)
+    if aug.on_device:
+        return image
     if aug.randaugment and aug.randaugment_ops > 0:
         image = rand_augment(image, s_ra, aug.randaugment_ops, aug.randaugment_magnitude, aug.randaugment_bins)
     image = preprocess.to_unit_float(image)

@@ -23,9 +23,7 @@ from typing import Sequence, Tuple
 
 import tensorflow as tf
 
-ERASE_SCALE = (0.02, 0.33)
-ERASE_RATIO = (0.3, 3.3)
-ERASE_ATTEMPTS = 10
+from mvit2_jax.data.device_augment import ERASE_ATTEMPTS, ERASE_RATIO, ERASE_SCALE
 
 
 def split_seed(seed: tf.Tensor, num: int) -> Sequence[tf.Tensor]:

@@ -22,15 +22,10 @@ from typing import Callable, Dict, List
 
 import tensorflow as tf
 
+from mvit2_jax.data.device_augment import OP_NAMES, SIGNED, op_magnitude
 from mvit2_jax.data.preprocess import split_seed
 
 Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (pixels [H, W, 3] float, magnitude) -> pixels
-
-OP_NAMES = (
-    "identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
-    "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize",
-)  # fmt: skip
-SIGNED = {"shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast", "sharpness"}
 
 
 def _pixels(x: tf.Tensor) -> tf.Tensor:
@@ -144,18 +139,6 @@ def identity(image: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
 
 
 OPS: Dict[str, Op] = {name: globals()[name] for name in OP_NAMES}
-
-
-def op_magnitude(name: str, magnitude: int, num_bins: int = 31) -> float:
-    """torchvision's value for op `name` at bin `magnitude` of `num_bins` (before its sign)."""
-    if not 0 <= magnitude < num_bins:
-        raise ValueError(f"RandAugment magnitude {magnitude} must be in [0, {num_bins})")
-    f = magnitude / (num_bins - 1)
-    return {
-        "shear_x": 0.3 * f, "shear_y": 0.3 * f, "translate_x": 150 / 331 * f, "translate_y": 150 / 331 * f,
-        "rotate": 30.0 * f, "brightness": 0.9 * f, "color": 0.9 * f, "contrast": 0.9 * f, "sharpness": 0.9 * f,
-        "posterize": float(8 - round(magnitude / ((num_bins - 1) / 4))), "solarize": 255.0 * (1 - f),
-    }.get(name, 0.0)  # fmt: skip
 
 
 def _op_argument(name: str, value: float, sign: tf.Tensor) -> tf.Tensor:

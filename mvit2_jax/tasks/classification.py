@@ -5,7 +5,8 @@ loss is softmax cross-entropy on targets smoothed by `config.label_smoothing` an
 on device by Mixup/CutMix (config.data.mixup_alpha, cutmix_alpha, mix_prob,
 mix_switch_prob); metrics are top-1 and top-5; the best checkpoint is the one with the
 highest EMA top-1. Preprocessing: the cvnets ImageNet train recipe (random-resized crop,
-flip, RandAugment, erasing; config.data) and the official eval preprocessing (shorter side
+flip, RandAugment, erasing; config.data; with config.data.augment_on = "device" RandAugment
+and erasing run in the train step on uint8 batches, `prepare_batch`) and the official eval preprocessing (shorter side
 to eval_resize_size, bicubic; center crop image_size), which predict and export share.
 
 The input pipeline (TensorFlow) is imported when first used, so rebuilding a model from a
@@ -37,6 +38,11 @@ def default_eval_resize(image_size: int) -> int:
     return int(round(image_size * EVAL_RESIZE_RATIO))
 
 
+def augment_on(config: Config) -> str:
+    """Where RandAugment and erasing run ("host" for configs written before the option)."""
+    return config.data.get("augment_on", "host")
+
+
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """1.0 where the label is among the k highest logits, per example."""
     top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
@@ -63,6 +69,8 @@ class Classification(ImageTask):
             raise ConfigError(f"config.data.eval_resize_size ({d.eval_resize_size}) must be >= config.data.image_size ({d.image_size})")
         if d.num_classes < 1:
             raise ConfigError(f"config.data.num_classes must be a positive integer, got {d.num_classes}")
+        if augment_on(config) not in ("host", "device"):
+            raise ConfigError(f'config.data.augment_on must be "host" or "device", got {augment_on(config)!r}')
         if not 0 <= config.label_smoothing < 1:
             raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
 
@@ -119,6 +127,7 @@ class Classification(ImageTask):
             randaugment_ops=d.randaugment_ops,
             randaugment_magnitude=d.randaugment_magnitude,
             erasing_prob=d.erasing_prob,
+            on_device=augment_on(config) == "device",
         )
         stream = data_lib.labeled_train_stream(
             spec,
@@ -150,10 +159,23 @@ class Classification(ImageTask):
         from mvit2_jax.data.mixing import mix_batch
 
         d = config.data
+        images = batch["image"]
+        if augment_on(config) == "device":
+            from mvit2_jax.data.device_augment import augment
+
+            k_aug, key = jax.random.split(key)
+            images = augment(
+                k_aug,
+                images,
+                randaugment=d.randaugment,
+                num_ops=d.randaugment_ops,
+                magnitude=d.randaugment_magnitude,
+                erasing_prob=d.erasing_prob,
+            )
         onehot = jax.nn.one_hot(batch["label"], d.num_classes)
         return mix_batch(
             key,
-            batch["image"],
+            images,
             onehot,
             mixup_alpha=d.mixup_alpha,
             cutmix_alpha=d.cutmix_alpha,
