@@ -10,7 +10,8 @@ image and label map go through segmentation.py, detection's images and boxes thr
 detection.py.
 
 The package itself imports nothing: its names below load their module (and TensorFlow) on first
-use, so that the train step's Mixup (mixing.py, pure JAX) does not pull in TensorFlow.
+use, so that the train step's Mixup (mixing.py) and device-side RandAugment (device_augment.py),
+pure JAX, do not pull in TensorFlow.
 """
 
 import importlib

@@ -32,7 +32,6 @@ OP_NAMES = (
     "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize",
 )  # fmt: skip
 SIGNED = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast", "sharpness")
-GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 ENHANCE = ("brightness", "color", "contrast", "sharpness")
 ERASE_SCALE = (0.02, 0.33)
 ERASE_RATIO = (0.3, 3.3)
