@@ -69,17 +69,14 @@ def test_erasing_zeroes_one_box_of_the_recipes_size_per_image():
     assert np.all(never == 0.5)
 
 
-def _uint8_stream(on_device):
-    aug = pipeline.TrainAugmentation(flip=True, randaugment=not on_device, erasing_prob=0.0, on_device=on_device)
+def _train_images(aug):
     image_bytes = tf.io.encode_jpeg(tf.constant(np.repeat(np.repeat(IMAGE, 2, 0), 2, 1)))
     return [pipeline.train_image(image_bytes, tf.constant([s, 5], tf.int64), 16, aug).numpy() for s in range(4)]
 
 
 def test_the_host_half_is_the_host_recipes_crop_and_flip_in_uint8():
-    on_device = _uint8_stream(True)
-    aug = pipeline.TrainAugmentation(randaugment=False, erasing_prob=0.0)
-    image_bytes = tf.io.encode_jpeg(tf.constant(np.repeat(np.repeat(IMAGE, 2, 0), 2, 1)))
-    host = [pipeline.train_image(image_bytes, tf.constant([s, 5], tf.int64), 16, aug).numpy() for s in range(4)]
+    on_device = _train_images(pipeline.TrainAugmentation(on_device=True))  # RandAugment and erasing on: skipped
+    host = _train_images(pipeline.TrainAugmentation(randaugment=False, erasing_prob=0.0))
     for d, h in zip(on_device, host):
         assert d.dtype == np.uint8 and d.shape == (16, 16, 3)
         np.testing.assert_array_equal(preprocess.to_unit_float(d).numpy(), h)  # same seeds, same crops
